@@ -1,0 +1,77 @@
+"""Devices, seeds and the dask helper for CPU-bound per-image work."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+
+def resolve_device(name: str = "auto"):
+    """``auto`` -> cuda when available, else cpu. ``cuda`` without a GPU is an error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("param compute.device: 'cuda' asked for but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str = "local", workers: int = 0):
+    """Yields a callable ``run(fn, items) -> list`` that maps ``fn`` over ``items`` in order.
+
+    scheduler: ``synchronous`` (in-process loop), ``threads`` (dask threaded scheduler),
+    ``processes`` or ``local`` (a distributed LocalCluster of worker processes, one thread
+    each, sized to the machine unless ``workers`` > 0), or ``tcp://host:port`` (an existing
+    dask scheduler; every worker must see the same data paths).
+    """
+    n = workers or default_workers()
+    if scheduler == "synchronous":
+        yield lambda fn, items: [fn(x) for x in items]
+        return
+    if scheduler == "threads":
+        import dask
+
+        def run_threads(fn, items):
+            tasks = [dask.delayed(fn)(x) for x in items]
+            return list(dask.compute(*tasks, scheduler="threads", num_workers=n))
+
+        yield run_threads
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler in ("local", "processes"):
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=40)
+        client = Client(cluster)
+    elif scheduler.startswith("tcp://"):
+        cluster = None
+        client = Client(scheduler)
+    else:
+        raise ValueError(f"param compute.scheduler: {scheduler!r} is not synchronous|threads|processes|local|tcp://host:port")
+    try:
+        def run_client(fn, items):
+            futures = client.map(fn, list(items), pure=False)
+            return client.gather(futures)
+
+        yield run_client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

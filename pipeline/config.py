@@ -1,0 +1,253 @@
+"""Params: one namespace per stage, read once from ``params.yaml`` and validated.
+
+``load_params(path)`` returns a nested dict with every key present (defaults filled in) and
+raises :class:`ParamsError` naming the dotted key on an unknown key, a wrong type or an
+out-of-range value. The schema below is the single source of the defaults; ``params.yaml``
+mirrors it so DVC can track each key.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params file or value is invalid; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class P:
+    """One param: its type, default and allowed values."""
+
+    kind: type | tuple
+    default: Any
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    help: str = ""
+    nullable: bool = False
+    item: type | None = None  # element type for lists
+    free_text: bool = False  # str param whose value may also be a path / dotted name
+
+
+def _num(default, lo=None, hi=None, help=""):
+    return P(float, default, min=lo, max=hi, help=help)
+
+
+def _int(default, lo=None, hi=None, help=""):
+    return P(int, default, min=lo, max=hi, help=help)
+
+
+BACKBONES = ("tiny", "resnet18", "resnet50", "efficientnet_lite0")
+
+SCHEMA: dict[str, dict[str, Any]] = {
+    "data": {
+        "dataset": P(str, "demo", choices=("demo", "voc", "coco", "folder"), help="dataset adapter"),
+        "root": P(str, "data/demo", help="dataset root folder (demo: where the generator writes)"),
+        "train_split": P(str, "train", help="split the labels are made for"),
+        "eval_split": P(str, "val", help="split the segmenter is evaluated on"),
+        "on_bad_item": P(str, "fail", choices=("fail", "skip"), help="fail on a bad image, or skip and report it"),
+        "max_images": _int(0, 0, help="use only the first N ids of each split (0 = all)"),
+        "voc_use_sbd": P(bool, False, help="VOC: read SegmentationClassAug + train_aug list when present"),
+        "coco_train_json": P(str, "annotations/instances_train2014.json"),
+        "coco_val_json": P(str, "annotations/instances_val2014.json"),
+        "coco_train_images": P(str, "train2014"),
+        "coco_val_images": P(str, "val2014"),
+        "folder_csv": P(str, "labels.csv", help="folder: CSV with columns image,labels (labels split on spaces or ;)"),
+        "folder_classes": P(str, "classes.txt", help="folder: one class name per line (background implied)"),
+        "folder_images": P(str, "images"),
+        "folder_val_fraction": _num(0.2, 0.0, 0.9, help="folder: share of ids held out as the val split"),
+        "demo_seed": _int(0, 0),
+        "demo_num_train": _int(320, 1),
+        "demo_num_val": _int(80, 1),
+        "demo_min_side": _int(80, 32, 1024),
+        "demo_max_side": _int(112, 32, 1024),
+        "gallery_ids": _int(6, 0, 64, help="how many fixed images the galleries show"),
+    },
+    "cam": {
+        "backbone": P(str, "tiny", choices=BACKBONES, free_text=True),
+        "weights": P(str, "none", free_text=True, help="imagenet | none | <path to a state_dict>"),
+        "method": P(str, "cam", free_text=True, help="cam | gradcam | gradcampp | a plugin name or dotted path"),
+        "epochs": _int(12, 1),
+        "batch_size": _int(16, 1),
+        "lr": _num(0.05, 0.0),
+        "weight_decay": _num(1e-4, 0.0),
+        "head_lr_mult": _num(10.0, 0.0),
+        "crop_size": _int(96, 16),
+        "scale_min": _num(0.7, 0.1, 4.0),
+        "scale_max": _num(1.3, 0.1, 4.0),
+        "scales": P(list, [1.0, 0.5, 1.5, 2.0], item=float),
+        "flip": P(bool, True),
+        "stride": _int(4, 1, 32, help="stride of the stored CAM grid relative to the image"),
+        "eval_thr_min": _num(0.05, 0.0, 1.0),
+        "eval_thr_max": _num(0.60, 0.0, 1.0),
+        "eval_thr_step": _num(0.05, 0.001, 1.0),
+        "num_workers": _int(2, 0),
+    },
+    "crf": {
+        "enabled": P(bool, True),
+        "mode": P(str, "affinitynet", choices=("affinitynet", "irnet"), free_text=True),
+        "iterations": _int(10, 1),
+        "gaussian_sxy": _num(3.0, 0.0),
+        "gaussian_compat": _num(3.0, 0.0),
+        "bilateral_sxy": _num(80.0, 0.0),
+        "bilateral_srgb": _num(13.0, 0.0),
+        "bilateral_compat": _num(10.0, 0.0),
+        "alpha_fg": _num(4.0, 0.0),
+        "alpha_bg": _num(32.0, 0.0),
+        "fg_threshold": _num(0.30, 0.0, 1.0),
+        "bg_threshold": _num(0.05, 0.0, 1.0),
+        "gt_prob": _num(0.7, 0.0, 1.0),
+    },
+    "affinity": {
+        "init": P(str, "classifier", free_text=True, help="classifier | imagenet | none | <path>"),
+        "radius": _int(5, 1, 16),
+        "epochs": _int(8, 1),
+        "batch_size": _int(8, 1),
+        "lr": _num(0.05, 0.0),
+        "weight_decay": _num(1e-4, 0.0),
+        "crop_size": _int(96, 16),
+    },
+    "rw": {
+        "enabled": P(bool, True),
+        "beta": _num(8.0, 0.0),
+        "logt": _int(8, 0, 16),
+        "alpha": _num(16.0, 0.0, help="background channel (1 - max CAM)^alpha"),
+        "ignore_below": _num(0.0, 0.0, 1.0, help="mark pixels whose top score is below this as 255"),
+        "final_crf": P(bool, False),
+    },
+    "seg": {
+        "labels": P(str, "pseudo", choices=("pseudo", "gt")),
+        "backbone": P(str, "tiny", choices=BACKBONES, free_text=True),
+        "weights": P(str, "none", free_text=True),
+        "epochs": _int(15, 1),
+        "batch_size": _int(16, 1),
+        "lr": _num(0.01, 0.0),
+        "weight_decay": _num(1e-4, 0.0),
+        "crop_size": _int(96, 16),
+        "eval_scales": P(list, [1.0], item=float),
+        "eval_flip": P(bool, False),
+        "eval_crf": P(bool, False),
+    },
+    "export": {
+        "formats": P(list, ["voc", "coco", "zarr"], item=str),
+        "out": P(str, "exports/demo"),
+    },
+    "compute": {
+        "device": P(str, "auto", choices=("auto", "cpu", "cuda")),
+        "scheduler": P(str, "local", free_text=True, help="local | threads | processes | synchronous | tcp://host:port"),
+        "workers": _int(0, 0, help="dask workers for per-image CPU work (0 = one per core)"),
+        "seed": _int(0, 0),
+        "shard_images": _int(32, 1, 4096, help="images per zarr shard (and per write batch)"),
+    },
+}
+
+# Small and fast everything, for tests and smoke runs (``wsss params --preset tiny``).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "data": {"demo_num_train": 24, "demo_num_val": 8, "demo_min_side": 48, "demo_max_side": 64, "gallery_ids": 2},
+        "cam": {"epochs": 2, "batch_size": 8, "crop_size": 48, "scales": [1.0, 0.5], "num_workers": 0},
+        "crf": {"iterations": 3},
+        "affinity": {"epochs": 1, "batch_size": 4, "crop_size": 48},
+        "rw": {"logt": 4},
+        "seg": {"epochs": 1, "batch_size": 8, "crop_size": 48},
+        "export": {"out": "exports/tiny"},
+        "compute": {"scheduler": "synchronous", "shard_images": 8},
+    }
+}
+
+
+def defaults() -> dict[str, dict[str, Any]]:
+    """Every param at its default value."""
+    return {ns: {k: copy.deepcopy(p.default) for k, p in fields.items()} for ns, fields in SCHEMA.items()}
+
+
+def preset(name: str) -> dict[str, dict[str, Any]]:
+    """Full params for a named preset (defaults overlaid with the preset's values)."""
+    if name not in PRESETS:
+        raise ParamsError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return merge(defaults(), PRESETS[name])
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for ns, values in override.items():
+        out.setdefault(ns, {}).update(copy.deepcopy(values))
+    return out
+
+
+def _check_value(key: str, p: P, value: Any) -> Any:
+    if value is None and p.nullable:
+        return None
+    if p.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if p.kind is int and isinstance(value, bool) or not isinstance(value, p.kind):
+        raise ParamsError(f"param {key}: expected {p.kind.__name__}, got {type(value).__name__} ({value!r})")
+    if p.kind is list:
+        if not value:
+            raise ParamsError(f"param {key}: must not be empty")
+        cast = []
+        for v in value:
+            if p.item is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if not isinstance(v, p.item):
+                raise ParamsError(f"param {key}: items must be {p.item.__name__}, got {v!r}")
+            cast.append(v)
+        value = cast
+    if p.choices is not None and value not in p.choices and not p.free_text:
+        raise ParamsError(f"param {key}: {value!r} is not one of {list(p.choices)}")
+    if p.min is not None and value < p.min:
+        raise ParamsError(f"param {key}: {value!r} is below the minimum {p.min}")
+    if p.max is not None and value > p.max:
+        raise ParamsError(f"param {key}: {value!r} is above the maximum {p.max}")
+    return value
+
+
+def validate(raw: dict, source: str = "params") -> dict[str, dict[str, Any]]:
+    """Check ``raw`` against the schema; return a full params dict (defaults filled in)."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: top level must be a mapping of namespaces")
+    out = defaults()
+    for ns, values in raw.items():
+        if ns not in SCHEMA:
+            raise ParamsError(f"{source}: unknown namespace {ns!r}; known: {sorted(SCHEMA)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ParamsError(f"{source}: param {ns} must be a mapping")
+        for key, value in values.items():
+            if key not in SCHEMA[ns]:
+                raise ParamsError(f"{source}: unknown param {ns}.{key}; known in {ns}: {sorted(SCHEMA[ns])}")
+            out[ns][key] = _check_value(f"{ns}.{key}", SCHEMA[ns][key], value)
+    d = out["data"]
+    if d["demo_min_side"] > d["demo_max_side"]:
+        raise ParamsError("param data.demo_min_side: must not exceed data.demo_max_side")
+    c = out["cam"]
+    if c["scale_min"] > c["scale_max"]:
+        raise ParamsError("param cam.scale_min: must not exceed cam.scale_max")
+    if c["eval_thr_min"] > c["eval_thr_max"]:
+        raise ParamsError("param cam.eval_thr_min: must not exceed cam.eval_thr_max")
+    for fmt in out["export"]["formats"]:
+        if fmt not in ("voc", "coco", "zarr"):
+            raise ParamsError(f"param export.formats: unknown format {fmt!r}; known: voc, coco, zarr")
+    return out
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, dict[str, Any]]:
+    """Read and validate a params file. Raises ParamsError naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from e
+    return validate(raw, source=str(path))
+
+
+def dump_params(params: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(params, sort_keys=False))

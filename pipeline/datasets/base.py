@@ -1,0 +1,142 @@
+"""The one dataset interface every adapter implements.
+
+Conventions (all adapters):
+- ``class_names[0] == "background"``; ground-truth masks hold class indices, 255 = ignore.
+- ``labels(id)`` is the image-level label set as foreground class indices (1..C-1).
+- ``load_image(id)`` returns (H, W, 3) uint8 RGB whatever the file's mode.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.datasets.imageio import DatasetError, image_size, read_label_png, read_rgb, voc_palette
+from pipeline.store import IGNORE_INDEX
+
+
+@dataclass
+class Record:
+    """One validated image: what the prepare stage writes into the index."""
+
+    id: str
+    size: tuple[int, int]
+    labels: list[int]
+    has_gt: bool
+
+
+@dataclass
+class ScanResult:
+    records: list[Record] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+
+class Dataset(ABC):
+    """Adapter interface: ids per split, image loader, image-level labels, optional GT masks."""
+
+    name: str = "dataset"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(f"{self.root}: dataset root folder does not exist (param data.root)")
+
+    # --- what an adapter provides -------------------------------------------------
+    @property
+    @abstractmethod
+    def class_names(self) -> list[str]: ...
+
+    @abstractmethod
+    def split_ids(self, split: str) -> list[str]:
+        """Image ids of a split, in a stable order."""
+
+    @abstractmethod
+    def image_path(self, image_id: str) -> Path: ...
+
+    @abstractmethod
+    def raw_labels(self, image_id: str) -> list[str] | list[int]:
+        """Image-level labels as class names or foreground class indices."""
+
+    def gt_path(self, image_id: str) -> Path | None:
+        return None
+
+    def load_gt(self, image_id: str) -> np.ndarray | None:
+        """(H, W) uint8 class indices with 255 = ignore, or None when the image has no GT."""
+        p = self.gt_path(image_id)
+        return None if p is None or not p.is_file() else read_label_png(p)
+
+    # --- shared behaviour -------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def palette(self) -> np.ndarray:
+        return voc_palette(256)[: self.num_classes]
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        return read_rgb(self.image_path(image_id))
+
+    def labels(self, image_id: str) -> list[int]:
+        """Sorted foreground class indices; unknown names raise DatasetError naming the image."""
+        out = set()
+        index = {n: i for i, n in enumerate(self.class_names)}
+        for lab in self.raw_labels(image_id):
+            if isinstance(lab, str):
+                if lab not in index:
+                    raise DatasetError(f"{self.image_path(image_id)}: unknown class name {lab!r}; known: {self.class_names[1:]}")
+                lab = index[lab]
+            if not 1 <= int(lab) < self.num_classes:
+                raise DatasetError(f"{self.image_path(image_id)}: class index {lab} out of range 1..{self.num_classes - 1}")
+            out.add(int(lab))
+        return sorted(out)
+
+    def check_item(self, image_id: str) -> Record:
+        """Validate one image fully (decode, labels, GT size and values). Raises DatasetError."""
+        img = self.load_image(image_id)
+        size = (int(img.shape[0]), int(img.shape[1]))
+        gt = self.load_gt(image_id)
+        if gt is not None:
+            if gt.shape != size:
+                raise DatasetError(f"{self.gt_path(image_id)}: mask size {gt.shape[1]}x{gt.shape[0]} != image size {size[1]}x{size[0]}")
+            bad = np.setdiff1d(np.unique(gt), np.r_[np.arange(self.num_classes), IGNORE_INDEX])
+            if bad.size:
+                raise DatasetError(f"{self.gt_path(image_id)}: mask has values {bad.tolist()} outside 0..{self.num_classes - 1} and 255")
+        labels = self.labels(image_id)
+        if not labels:
+            raise DatasetError(f"{self.image_path(image_id)}: image has no labels")
+        return Record(image_id, size, labels, gt is not None)
+
+    def scan(self, split: str, on_bad_item: str = "fail", max_images: int = 0, progress: bool = True) -> ScanResult:
+        """Validate every image of a split once. ``on_bad_item``: ``fail`` raises, ``skip`` reports."""
+        from pipeline.progress import progress_bar
+
+        ids = self.split_ids(split)
+        if max_images:
+            ids = ids[:max_images]
+        seen: set[str] = set()
+        res = ScanResult()
+        with progress_bar(total=len(ids), desc=f"scan {self.name}/{split}", unit="img", disable=not progress) as bar:
+            for image_id in ids:
+                bar.update(1)
+                try:
+                    if image_id in seen:
+                        raise DatasetError(f"{self.image_path(image_id)}: duplicate image id {image_id!r} in split {split!r}")
+                    seen.add(image_id)
+                    res.records.append(self.check_item(image_id))
+                except DatasetError as e:
+                    if on_bad_item == "fail":
+                        raise
+                    res.skipped.append({"id": image_id, "split": split, "reason": str(e)})
+        if not res.records:
+            raise DatasetError(f"{self.root}: split {split!r} has no usable images")
+        return res
+
+
+def check_id(image_id: str, source: str) -> str:
+    """Ids name files: refuse empty ids, path separators and '..' so no id can escape a folder."""
+    if not image_id or "/" in image_id or "\\" in image_id or image_id in (".", "..") or "\x00" in image_id:
+        raise DatasetError(f"{source}: unsafe image id {image_id!r} (empty, or contains a path separator or '..')")
+    return image_id

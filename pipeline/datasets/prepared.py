@@ -1,0 +1,75 @@
+"""The validated view of a dataset that the prepare stage writes and every later stage reads.
+
+``<prepared>/index.json``: dataset name, class names, palette, ids per split, per-image size and
+labels, skipped items. ``<prepared>/gt.zarr``: ground-truth masks (255 where an image has none).
+"""
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.datasets.imageio import DatasetError
+
+
+class PreparedData:
+    def __init__(self, data_params: dict, prepared_dir: str | Path = "data/prepared"):
+        self.dir = Path(prepared_dir)
+        index_file = self.dir / "index.json"
+        if not index_file.is_file():
+            raise DatasetError(f"{index_file}: missing; run the prepare stage first (dvc repro prepare)")
+        self.index = json.loads(index_file.read_text())
+        self.data_params = data_params
+        self.class_names: list[str] = self.index["class_names"]
+        self.palette = np.asarray(self.index["palette"], dtype=np.uint8)
+        self._items = self.index["items"]
+
+    @cached_property
+    def dataset(self):
+        from pipeline.datasets import open_dataset
+
+        return open_dataset(self.data_params, self.dir)
+
+    @cached_property
+    def gt_store(self):
+        from pipeline.store import Store
+
+        return Store(self.dir / "gt.zarr")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def ids(self, split: str) -> list[str]:
+        if split not in self.index["splits"]:
+            raise DatasetError(f"split {split!r} was not prepared; prepared splits: {sorted(self.index['splits'])}")
+        return list(self.index["splits"][split])
+
+    def size(self, image_id: str) -> tuple[int, int]:
+        return tuple(self._items[image_id]["size"])
+
+    def sizes(self, ids) -> np.ndarray:
+        return np.array([self._items[i]["size"] for i in ids], dtype=np.int32).reshape(-1, 2)
+
+    def labels(self, image_id: str) -> list[int]:
+        """Foreground class indices (1..C-1) of the image."""
+        return list(self._items[image_id]["labels"])
+
+    def label_vector(self, image_id: str) -> np.ndarray:
+        """Multi-hot over foreground classes: (C-1,) float32, entry k-1 for class k."""
+        v = np.zeros(self.num_classes - 1, np.float32)
+        v[np.asarray(self.labels(image_id), int) - 1] = 1
+        return v
+
+    def has_gt(self, image_id: str) -> bool:
+        return bool(self._items[image_id]["has_gt"])
+
+    def image(self, image_id: str) -> np.ndarray:
+        """(H, W, 3) uint8 RGB."""
+        return self.dataset.load_image(image_id)
+
+    def gt(self, image_id: str) -> np.ndarray | None:
+        """(H, W) uint8 GT (255 = ignore) or None. For evaluation only."""
+        return self.gt_store.read("mask", image_id) if self.has_gt(image_id) else None

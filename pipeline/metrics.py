@@ -1,0 +1,104 @@
+"""Segmentation metrics from a confusion matrix accumulated image by image."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.store import IGNORE_INDEX
+
+
+class ConfusionMatrix:
+    """Accumulates a (C, C) confusion matrix; rows = ground truth, columns = prediction.
+
+    Pixels whose ground truth is ``ignore_index`` are skipped. A prediction of ``ignore_index``
+    (an unlabelled pseudo-label pixel) counts in ``unlabelled`` and not in the matrix, so
+    coverage and the precision over labelled pixels can be reported separately.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.unlabelled = 0
+        self.valid = 0
+
+    def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        if pred.shape != gt.shape:
+            raise ValueError(f"prediction shape {pred.shape} != ground-truth shape {gt.shape}")
+        gt = gt.astype(np.int64).ravel()
+        pred = pred.astype(np.int64).ravel()
+        keep = gt != self.ignore_index
+        self.valid += int(keep.sum())
+        unl = keep & (pred == self.ignore_index)
+        self.unlabelled += int(unl.sum())
+        keep &= ~unl
+        gt, pred = gt[keep], pred[keep]
+        if gt.size and (gt.max() >= self.num_classes or pred.max() >= self.num_classes):
+            raise ValueError(f"label value out of range 0..{self.num_classes - 1} (and {self.ignore_index} = ignore)")
+        self.matrix += np.bincount(gt * self.num_classes + pred, minlength=self.num_classes ** 2).reshape(
+            self.num_classes, self.num_classes)
+
+    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+        self.matrix += other.matrix
+        self.unlabelled += other.unlabelled
+        self.valid += other.valid
+        return self
+
+    def per_class_iou(self) -> np.ndarray:
+        m = self.matrix
+        tp = np.diag(m).astype(float)
+        denom = m.sum(0) + m.sum(1) - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(denom > 0, tp / denom, np.nan)
+
+    def precision(self) -> np.ndarray:
+        tp = np.diag(self.matrix).astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.matrix.sum(0) > 0, tp / self.matrix.sum(0), np.nan)
+
+    def recall(self) -> np.ndarray:
+        tp = np.diag(self.matrix).astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.matrix.sum(1) > 0, tp / self.matrix.sum(1), np.nan)
+
+    def miou(self) -> float:
+        """Mean IoU over classes that occur in GT or prediction (NaN classes are left out)."""
+        iou = self.per_class_iou()
+        return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+    def pixel_accuracy(self) -> float:
+        total = self.matrix.sum()
+        return float(np.trace(self.matrix) / total) if total else float("nan")
+
+    def summary(self, class_names: Sequence[str]) -> dict:
+        """JSON-ready dict: miou, pixel_accuracy, coverage and per-class iou/precision/recall (in %)."""
+        def per_class(values):
+            return {n: (None if not np.isfinite(v) else round(100 * float(v), 2)) for n, v in zip(class_names, values)}
+
+        return {
+            "miou": round(100 * self.miou(), 2),
+            "pixel_accuracy": round(100 * self.pixel_accuracy(), 2),
+            "coverage": round(100 * (1 - self.unlabelled / self.valid), 2) if self.valid else None,
+            "per_class_iou": per_class(self.per_class_iou()),
+            "per_class_precision": per_class(self.precision()),
+            "per_class_recall": per_class(self.recall()),
+        }
+
+
+def update_metrics_file(path: str | Path, key: str, value: dict) -> None:
+    """Set ``key`` in a JSON metrics file (other keys are kept), writing atomically."""
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = value
+    write_json(path, data)
+
+
+def write_json(path: str | Path, data) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)

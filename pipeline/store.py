@@ -1,0 +1,240 @@
+"""Per-image array stores in zarr v3.
+
+Layout of one store (a zarr v3 group, e.g. ``data/cams.zarr``)::
+
+    <name>.zarr/
+      zarr.json             group attrs: ids, class_names, stride, ignore_index, params, ...
+      size                  (N, 2) int32   true image (height, width) in pixels
+      <array>               (N, [C,] Hc, Wc) padded canvas; image i occupies
+                            [i, ..., :ceil(h/stride), :ceil(w/stride)], the rest is fill
+      shard_done            (n_shards,) bool  which write batches are complete (resume)
+
+Every per-image array is chunked one image (and one channel) per chunk and sharded
+``shard_images`` images per file, so a 10k-image store is a few hundred files, reads are
+per-image random access and chunks that are all fill (absent classes, padding) cost nothing.
+
+Writes are atomic per stage: a writer fills ``<path>.partial`` shard by shard and
+:meth:`StoreWriter.commit` renames it to ``<path>``. An interrupted run leaves only the
+``.partial`` folder; re-running with the same fingerprint resumes past finished shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+IGNORE_INDEX = 255
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One per-image array of a store.
+
+    channels: None for a (H, W) map per image, or C for (C, H, W).
+    stride: the map's grid is ceil(h/stride) x ceil(w/stride) for an h x w image.
+    """
+
+    dtype: str
+    stride: int = 1
+    channels: int | None = None
+    fill: float | int = 0
+
+    def grid(self, size: Sequence[int]) -> tuple[int, int]:
+        h, w = int(size[0]), int(size[1])
+        return math.ceil(h / self.stride), math.ceil(w / self.stride)
+
+    def image_shape(self, size: Sequence[int]) -> tuple[int, ...]:
+        gh, gw = self.grid(size)
+        return (gh, gw) if self.channels is None else (self.channels, gh, gw)
+
+    def compressor(self):
+        if np.dtype(self.dtype).kind == "f":
+            # byte shuffle groups exponent bytes of smooth float maps: ~2x better than plain zstd
+            return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=np.dtype(self.dtype).itemsize)
+        return ZstdCodec(level=5)
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable short hash of JSON-able parts (params, ids, sizes) that identify a store's content."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+class StoreWriter:
+    """Writes a store batch-by-batch into ``<path>.partial``; ``commit()`` publishes it.
+
+    Usage::
+
+        w = StoreWriter(path, ids, sizes, {"mask": ArraySpec("uint8", fill=255)}, attrs, shard_images=32)
+        for shard in w.pending_shards():
+            idx = w.shard_indices(shard)
+            w.write_shard(shard, {"mask": [compute(i) for i in idx]})
+        w.commit()
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        ids: Sequence[str],
+        sizes: np.ndarray | Sequence[Sequence[int]],
+        arrays: dict[str, ArraySpec],
+        attrs: dict[str, Any],
+        shard_images: int = 32,
+        resume: bool = True,
+    ):
+        self.path = Path(path)
+        self.tmp = _partial(self.path)
+        self.ids = list(ids)
+        self.sizes = np.asarray(sizes, dtype=np.int32).reshape(-1, 2)
+        if len(self.ids) != len(self.sizes):
+            raise StoreError(f"{self.path}: {len(self.ids)} ids but {len(self.sizes)} sizes")
+        if len(set(self.ids)) != len(self.ids):
+            raise StoreError(f"{self.path}: duplicate image ids")
+        self.specs = dict(arrays)
+        self.shard_images = int(shard_images)
+        n = len(self.ids)
+        self.n_shards = max(1, math.ceil(n / self.shard_images))
+        fp = fingerprint(FORMAT_VERSION, self.ids, self.sizes.tolist(), attrs, {k: vars(s) for k, s in self.specs.items()}, self.shard_images)
+        self.attrs = dict(attrs, ids=self.ids, fingerprint=fp, format_version=FORMAT_VERSION,
+                          ignore_index=IGNORE_INDEX, shard_images=self.shard_images,
+                          arrays={k: vars(s) for k, s in self.specs.items()})
+        self.resumed_shards = 0
+        if resume and self.tmp.exists():
+            try:
+                g = zarr.open_group(str(self.tmp), mode="r+")
+                if g.attrs.get("fingerprint") == fp:
+                    self.group = g
+                    self.resumed_shards = int(np.asarray(g["shard_done"][:]).sum())
+                    return
+            except Exception:  # a half-created group: start over
+                pass
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.group = self._create(n)
+
+    def _create(self, n: int):
+        g = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
+        g.create_array("size", data=self.sizes, chunks=(max(n, 1), 2))
+        for name, spec in self.specs.items():
+            grids = np.array([spec.grid(s) for s in self.sizes]) if n else np.zeros((0, 2), int)
+            gh, gw = (int(grids[:, 0].max()), int(grids[:, 1].max())) if n else (1, 1)
+            lead = () if spec.channels is None else (spec.channels,)
+            shape = (max(n, 1),) + lead + (gh, gw)
+            chunks = (1,) + (1,) * len(lead) + (gh, gw)
+            shards = (min(self.shard_images, max(n, 1)),) + lead + (gh, gw)
+            g.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=spec.dtype,
+                           fill_value=spec.fill, compressors=[spec.compressor()],
+                           dimension_names=("image",) + (("channel",) if lead else ()) + ("y", "x"))
+        g.create_array("shard_done", shape=(self.n_shards,), chunks=(self.n_shards,), dtype="bool", fill_value=False)
+        g.attrs.update(self.attrs)
+        return g
+
+    def shard_indices(self, shard: int) -> range:
+        lo = shard * self.shard_images
+        return range(lo, min(lo + self.shard_images, len(self.ids)))
+
+    def pending_shards(self) -> list[int]:
+        done = np.asarray(self.group["shard_done"][:])
+        return [k for k in range(self.n_shards) if not done[k] and len(self.shard_indices(k))]
+
+    def write_shard(self, shard: int, values: dict[str, Sequence[np.ndarray]]) -> None:
+        """Write every image of ``shard`` at once (one shard file rewrite per array)."""
+        idx = self.shard_indices(shard)
+        for name, spec in self.specs.items():
+            if name not in values:
+                raise StoreError(f"{self.path}: write_shard({shard}) is missing array {name!r}")
+            arrs = values[name]
+            if len(arrs) != len(idx):
+                raise StoreError(f"{self.path}: array {name!r} got {len(arrs)} images for shard {shard} of {len(idx)}")
+            z = self.group[name]
+            block = np.full((len(idx),) + z.shape[1:], spec.fill, dtype=spec.dtype)
+            for j, (i, a) in enumerate(zip(idx, arrs)):
+                expect = spec.image_shape(self.sizes[i])
+                a = np.asarray(a)
+                if a.shape != expect:
+                    raise StoreError(f"{self.path}: array {name!r} for image {self.ids[i]!r} has shape {a.shape}, expected {expect}")
+                block[(j,) + (slice(None),) * (a.ndim - 2) + (slice(0, expect[-2]), slice(0, expect[-1]))] = a
+            z[idx.start:idx.stop] = block
+        self.group["shard_done"][shard] = True
+
+    def commit(self) -> Path:
+        """Check every shard is written, then atomically publish ``<path>``."""
+        if self.pending_shards():
+            raise StoreError(f"{self.path}: cannot commit, shards {self.pending_shards()} are not written")
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.tmp.rename(self.path)
+        return self.path
+
+
+class Store:
+    """Read side of a committed store: per-image random access at the image's true size."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            if _partial(self.path).exists():
+                raise StoreError(f"{self.path}: incomplete (only {_partial(self.path).name} exists); re-run the stage that writes it")
+            raise StoreError(f"store not found: {self.path}; run the stage that writes it (see dvc.yaml)")
+        self.group = zarr.open_group(str(self.path), mode="r")
+        self.attrs = dict(self.group.attrs)
+        self.ids: list[str] = list(self.attrs["ids"])
+        self.sizes = np.asarray(self.group["size"][:]).reshape(-1, 2)[: len(self.ids)]
+        self._index = {k: i for i, k in enumerate(self.ids)}
+        self.specs = {k: ArraySpec(**v) for k, v in self.attrs["arrays"].items()}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def index(self, image_id: str) -> int:
+        try:
+            return self._index[image_id]
+        except KeyError:
+            raise StoreError(f"{self.path}: no image {image_id!r}") from None
+
+    def read(self, name: str, image: int | str) -> np.ndarray:
+        """The array ``name`` of one image, cropped to its true grid: (H, W) or (C, H, W)."""
+        i = self.index(image) if isinstance(image, str) else int(image)
+        spec = self.specs[name]
+        gh, gw = spec.grid(self.sizes[i])
+        z = self.group[name]
+        if spec.channels is None:
+            return np.asarray(z[i, :gh, :gw])
+        return np.asarray(z[i, :, :gh, :gw])
+
+    def iter(self, name: str, indices: Iterable[int] | None = None):
+        for i in range(len(self.ids)) if indices is None else indices:
+            yield i, self.read(name, i)
+
+
+def write_store(path, ids, sizes, arrays: dict[str, ArraySpec], attrs: dict, compute, shard_images: int = 32,
+                progress: str | None = None) -> Path:
+    """Fill a store by calling ``compute(indices) -> {name: [arrays]}`` shard by shard; resumes and commits."""
+    from pipeline.progress import progress_bar
+
+    w = StoreWriter(path, ids, sizes, arrays, attrs, shard_images=shard_images)
+    pending = w.pending_shards()
+    with progress_bar(total=len(ids), desc=progress or Path(path).name, unit="img") as bar:
+        bar.update(len(ids) - sum(len(w.shard_indices(s)) for s in pending))
+        for shard in pending:
+            idx = w.shard_indices(shard)
+            w.write_shard(shard, compute(list(idx)))
+            bar.update(len(idx))
+    return w.commit()

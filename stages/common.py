@@ -1,0 +1,28 @@
+"""What every stage shares: where its files live and how it starts."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipeline.config import load_params
+from pipeline.progress import setup_logging
+
+PREPARED = Path("data/prepared")
+CAM_MODEL = Path("models/cam")
+CAMS = Path("data/cams.zarr")
+SEEDS = Path("data/seeds.zarr")
+AFF_MODEL = Path("models/affinity")
+PSEUDO = Path("data/pseudo.zarr")
+SEG_MODEL = Path("models/seg")
+PREDICTIONS = Path("data/predictions.zarr")
+LABEL_METRICS = Path("metrics/labels.json")
+SEG_METRICS = Path("metrics/segmenter.json")
+PLOTS = Path("plots")
+REPORTS = Path("reports")
+
+
+def start(stage: str, params_file: str = "params.yaml") -> dict:
+    """Set up logging and return the validated params."""
+    setup_logging()
+    logging.getLogger("wsss").info("stage %s: starting", stage)
+    return load_params(params_file)
