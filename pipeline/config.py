@@ -135,7 +135,6 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "export": {
         "formats": P(list, ["voc", "coco", "zarr"], item=str),
-        "out": P(str, "exports/demo"),
     },
     "compute": {
         "device": P(str, "auto", choices=("auto", "cpu", "cuda")),
@@ -155,7 +154,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "affinity": {"epochs": 1, "batch_size": 4, "crop_size": 48},
         "rw": {"logt": 4},
         "seg": {"epochs": 1, "batch_size": 8, "crop_size": 48},
-        "export": {"out": "exports/tiny"},
         "compute": {"scheduler": "synchronous", "shard_images": 8},
     }
 }

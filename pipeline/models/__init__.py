@@ -1,0 +1,1 @@
+"""Networks: backbones (a registry), the CAM classifier, AffinityNet and the segmenter."""

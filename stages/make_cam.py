@@ -1,0 +1,9 @@
+"""Stage make_cam (see dvc.yaml)."""
+
+
+def main() -> None:
+    raise NotImplementedError("not implemented: stage make_cam, see issue 3")
+
+
+if __name__ == "__main__":
+    main()
