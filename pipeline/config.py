@@ -46,8 +46,8 @@ BACKBONES = ("tiny", "resnet18", "resnet50", "efficientnet_lite0")
 
 SCHEMA: dict[str, dict[str, Any]] = {
     "data": {
-        "dataset": P(str, "demo", choices=("demo", "voc", "coco", "folder"), help="dataset adapter"),
-        "root": P(str, "data/demo", help="dataset root folder (demo: where the generator writes)"),
+        "dataset": P(str, "demo", choices=("demo", "voc", "coco", "folder"), help="demo | voc | coco | folder"),
+        "root": P(str, "data/demo", help="dataset root (voc, coco, folder); the demo is generated into data/prepared/demo"),
         "train_split": P(str, "train", help="split the labels are made for"),
         "eval_split": P(str, "val", help="split the segmenter is evaluated on"),
         "on_bad_item": P(str, "fail", choices=("fail", "skip"), help="fail on a bad image, or skip and report it"),
@@ -249,3 +249,22 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, dict[str, Any]]:
 
 def dump_params(params: dict, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def render_params(params: dict) -> str:
+    """params.yaml text: one block per namespace, lists inline, each key's help as a comment."""
+    lines = ["# Pipeline params, one namespace per stage; validated by pipeline/config.py (see docs/ARCHITECTURE.md).",
+             "# Change a value and `dvc repro` re-runs the stages that use it; `dvc exp run -S ns.key=value` for experiments."]
+    for ns, values in params.items():
+        lines.append(f"{ns}:")
+        for key, value in values.items():
+            text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+            if text.endswith("\n..."):
+                text = text[:-4].strip()
+            text = text.removesuffix("...").strip()
+            p = SCHEMA.get(ns, {}).get(key)
+            note = p.help if p is not None and p.help else ""
+            if p is not None and p.choices and not note:
+                note = " | ".join(map(str, p.choices))
+            lines.append(f"  {key}: {text}" + (f"  # {note}" if note else ""))
+    return "\n".join(lines) + "\n"

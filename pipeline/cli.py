@@ -1,0 +1,89 @@
+"""``wsss``: the user-facing commands (the DVC stages run ``python -m stages.<name>``)."""
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+STAGES = ["prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "train_seg", "evaluate", "export"]
+
+
+def _params(args):
+    from pipeline.config import defaults, preset, render_params
+
+    sys.stdout.write(render_params(preset(args.preset) if args.preset else defaults()))
+
+
+def _stage(args):
+    sys.argv = [f"stages.{args.name}"]
+    runpy.run_module(f"stages.{args.name}", run_name="__main__")
+
+
+def _export(args):
+    from pipeline.config import load_params
+    from pipeline.export import run_export
+
+    params = load_params(args.params)
+    out = run_export(pseudo_store=args.store, prepared_dir=args.prepared, data_params=params["data"],
+                     formats=args.format, out_dir=args.out, force=args.force, params=params)
+    print(f"exported {', '.join(args.format)} to {out}")
+
+
+def _ablate(args):
+    from pipeline.ablation import ablate
+
+    print(ablate(args.grid, out_md=args.out, out_png=Path(args.out).with_suffix(".png")))
+
+
+def _plugins(args):
+    from pipeline.registry import BACKBONES, CAM_METHODS, REFINERS
+
+    import pipeline.cam  # noqa: F401  (registers the built-in methods)
+    import pipeline.models.backbones  # noqa: F401
+    import pipeline.refine  # noqa: F401
+
+    for reg in (BACKBONES, CAM_METHODS, REFINERS):
+        print(f"{reg.kind}: {', '.join(reg.names())}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="wsss", description="Weakly-supervised segmentation pseudo-label pipeline")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("params", help="print params.yaml with defaults (or a preset)")
+    p.add_argument("--preset", choices=["tiny"], default=None)
+    p.set_defaults(fn=_params)
+
+    p = sub.add_parser("stage", help="run one stage outside DVC (dvc repro is the normal way)")
+    p.add_argument("name", choices=STAGES)
+    p.set_defaults(fn=_stage)
+
+    p = sub.add_parser("export", help="export the pseudo-mask store for another team")
+    p.add_argument("--format", action="append", choices=["voc", "coco", "zarr"], required=True,
+                   help="repeat for several formats")
+    p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--store", default="data/pseudo.zarr", help="mask store to export")
+    p.add_argument("--prepared", default="data/prepared")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(fn=_export)
+
+    p = sub.add_parser("ablate", help="run a grid of DVC experiments and print a per-stage mIoU table")
+    p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                   help="e.g. --grid cam.method=cam,gradcam --grid rw.enabled=true,false")
+    p.add_argument("--out", default="reports/ablation.md")
+    p.set_defaults(fn=_ablate)
+
+    p = sub.add_parser("plugins", help="list backbones, CAM methods and refiners (built-in and plugins)")
+    p.set_defaults(fn=_plugins)
+
+    args = ap.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"wsss {args.cmd}: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
