@@ -39,7 +39,9 @@ def prepare_dataset(data: dict, out_dir: str | Path, shard_images: int = 32) -> 
     if dup:
         raise DatasetError(f"{ds.root}: {len(dup)} ids are in both {data['train_split']!r} and {data['eval_split']!r}, e.g. {sorted(dup)[:3]}")
     index = {
-        "dataset": data["dataset"], "root": str(ds.root), "class_names": ds.class_names,
+        # the demo is generated inside the .partial folder that becomes out_dir
+        "dataset": data["dataset"], "root": str(out_dir / "demo" if data["dataset"] == "demo" else ds.root),
+        "class_names": ds.class_names,
         "palette": ds.palette.tolist(), "splits": splits, "items": items,
         "num_skipped": len(skipped),
     }

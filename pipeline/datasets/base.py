@@ -17,6 +17,13 @@ from pipeline.datasets.imageio import DatasetError, image_size, read_label_png, 
 from pipeline.store import IGNORE_INDEX
 
 
+class ExcludedItem(DatasetError):
+    """An image the adapter leaves out by policy (e.g. a COCO image with no annotations).
+
+    ``scan`` always reports it in ``skipped``, even with ``on_bad_item="fail"``: it is not bad input.
+    """
+
+
 @dataclass
 class Record:
     """One validated image: what the prepare stage writes into the index."""
@@ -62,6 +69,14 @@ class Dataset(ABC):
     def gt_path(self, image_id: str) -> Path | None:
         return None
 
+    def describe(self, image_id: str) -> str:
+        """Where an image's entry comes from, for error messages (default: its file)."""
+        return str(self.image_path(image_id))
+
+    def gt_source(self, image_id: str) -> str:
+        """Where an image's GT comes from, for error messages (default: its mask file)."""
+        return str(self.gt_path(image_id))
+
     def load_gt(self, image_id: str) -> np.ndarray | None:
         """(H, W) uint8 class indices with 255 = ignore, or None when the image has no GT."""
         p = self.gt_path(image_id)
@@ -86,10 +101,10 @@ class Dataset(ABC):
         for lab in self.raw_labels(image_id):
             if isinstance(lab, str):
                 if lab not in index:
-                    raise DatasetError(f"{self.image_path(image_id)}: unknown class name {lab!r}; known: {self.class_names[1:]}")
+                    raise DatasetError(f"{self.describe(image_id)}: unknown class name {lab!r}; known: {self.class_names[1:]}")
                 lab = index[lab]
             if not 1 <= int(lab) < self.num_classes:
-                raise DatasetError(f"{self.image_path(image_id)}: class index {lab} out of range 1..{self.num_classes - 1}")
+                raise DatasetError(f"{self.describe(image_id)}: class index {lab} out of range 1..{self.num_classes - 1}")
             out.add(int(lab))
         return sorted(out)
 
@@ -100,13 +115,13 @@ class Dataset(ABC):
         gt = self.load_gt(image_id)
         if gt is not None:
             if gt.shape != size:
-                raise DatasetError(f"{self.gt_path(image_id)}: mask size {gt.shape[1]}x{gt.shape[0]} != image size {size[1]}x{size[0]}")
+                raise DatasetError(f"{self.gt_source(image_id)}: mask size {gt.shape[1]}x{gt.shape[0]} != image size {size[1]}x{size[0]}")
             bad = np.setdiff1d(np.unique(gt), np.r_[np.arange(self.num_classes), IGNORE_INDEX])
             if bad.size:
-                raise DatasetError(f"{self.gt_path(image_id)}: mask has values {bad.tolist()} outside 0..{self.num_classes - 1} and 255")
+                raise DatasetError(f"{self.gt_source(image_id)}: mask has values {bad.tolist()} outside 0..{self.num_classes - 1} and 255")
         labels = self.labels(image_id)
         if not labels:
-            raise DatasetError(f"{self.image_path(image_id)}: image has no labels")
+            raise DatasetError(f"{self.describe(image_id)}: image has no labels")
         return Record(image_id, size, labels, gt is not None)
 
     def scan(self, split: str, on_bad_item: str = "fail", max_images: int = 0, progress: bool = True) -> ScanResult:
@@ -123,11 +138,11 @@ class Dataset(ABC):
                 bar.update(1)
                 try:
                     if image_id in seen:
-                        raise DatasetError(f"{self.image_path(image_id)}: duplicate image id {image_id!r} in split {split!r}")
+                        raise DatasetError(f"{self.describe(image_id)}: duplicate image id {image_id!r} in split {split!r}")
                     seen.add(image_id)
                     res.records.append(self.check_item(image_id))
                 except DatasetError as e:
-                    if on_bad_item == "fail":
+                    if on_bad_item == "fail" and not isinstance(e, ExcludedItem):
                         raise
                     res.skipped.append({"id": image_id, "split": split, "reason": str(e)})
         if not res.records:

@@ -23,8 +23,11 @@ def read_rgb(path: str | Path) -> np.ndarray:
             if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 a = np.asarray(im, dtype=np.float64)
                 hi = a.max() if a.size else 0
-                scale = 255.0 / (65535.0 if hi > 255 else 255.0)
-                a = np.clip(a * scale, 0, 255).astype(np.uint8)
+                if mode == "F" and hi <= 1.0:  # float images in [0, 1]
+                    scale = 255.0
+                else:
+                    scale = 255.0 / (65535.0 if hi > 255 else 255.0)
+                a = np.clip(a * scale, 0, 255).round().astype(np.uint8)
                 return np.repeat(a[..., None], 3, axis=2)
             if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
@@ -32,6 +35,8 @@ def read_rgb(path: str | Path) -> np.ndarray:
                 rgb = a[..., :3] * (a[..., 3:4] / 255.0)
                 return rgb.round().astype(np.uint8)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"{path}: image too large to decode safely: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path}: cannot read image (corrupt or not an image): {e}") from e
 
@@ -45,7 +50,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
         with Image.open(path) as im:
             w, h = im.size
             return h, w
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: cannot read image (corrupt or not an image): {e}") from e
 
 

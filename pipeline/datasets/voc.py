@@ -6,7 +6,7 @@ root/ImageSets/Segmentation/<split>.txt, root/Annotations/<id>.xml (labels when 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pipeline.datasets.base import Dataset, check_id
 from pipeline.datasets.imageio import DatasetError, read_label_png
@@ -41,6 +41,8 @@ class VOCDataset(Dataset):
     def split_ids(self, split: str) -> list[str]:
         f = self.split_file(split)
         ids = [line.split()[0] for line in f.read_text().splitlines() if line.strip()]
+        # DeepLab's train_aug.txt lists "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png" pairs
+        ids = [PurePosixPath(i).stem if "/" in i and PurePosixPath(i).suffix else i for i in ids]
         return [check_id(i, str(f)) for i in ids]
 
     def image_path(self, image_id: str) -> Path:
