@@ -102,6 +102,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "fg_threshold": _num(0.30, 0.0, 1.0),
         "bg_threshold": _num(0.05, 0.0, 1.0),
         "gt_prob": _num(0.7, 0.0, 1.0),
+        "scale": _num(1.0, 0.1, 1.0, help="run the CRF on the image resized by this factor (kernel widths scaled), then upsample"),
     },
     "affinity": {
         "init": P(str, "classifier", free_text=True, help="classifier | imagenet | none | <path>"),
@@ -111,6 +112,11 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "lr": _num(0.05, 0.0),
         "weight_decay": _num(1e-4, 0.0),
         "crop_size": _int(96, 16),
+        "stride": _int(4, 1, 32, help="stride of the affinity grid (and of the random walk)"),
+        "scale_min": _num(0.7, 0.1, 4.0),
+        "scale_max": _num(1.3, 0.1, 4.0),
+        "head_lr_mult": _num(10.0, 0.0),
+        "num_workers": _int(0, 0, help="data loader worker processes"),
     },
     "rw": {
         "enabled": P(bool, True),
@@ -129,6 +135,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "lr": _num(0.01, 0.0),
         "weight_decay": _num(1e-4, 0.0),
         "crop_size": _int(96, 16),
+        "head_lr_mult": _num(10.0, 0.0),
+        "scale_min": _num(0.7, 0.1, 4.0),
+        "scale_max": _num(1.3, 0.1, 4.0),
+        "aspp_rates": P(list, [1, 2, 4], item=int, help="dilation rates of the ASPP branches (on the backbone's deepest map)"),
+        "aspp_channels": _int(128, 8, help="hidden channels of each ASPP branch"),
+        "dropout": _num(0.1, 0.0, 0.9),
+        "num_workers": _int(0, 0, help="data loader worker processes"),
         "eval_scales": P(list, [1.0], item=float),
         "eval_flip": P(bool, False),
         "eval_crf": P(bool, False),
@@ -151,7 +164,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"demo_num_train": 24, "demo_num_val": 8, "demo_min_side": 48, "demo_max_side": 64, "gallery_ids": 2},
         "cam": {"epochs": 2, "batch_size": 8, "crop_size": 48, "scales": [1.0, 0.5], "num_workers": 0},
         "crf": {"iterations": 3},
-        "affinity": {"epochs": 1, "batch_size": 4, "crop_size": 48},
+        "affinity": {"epochs": 1, "batch_size": 4, "crop_size": 48, "radius": 3},
         "rw": {"logt": 4},
         "seg": {"epochs": 1, "batch_size": 8, "crop_size": 48},
         "compute": {"scheduler": "synchronous", "shard_images": 8},
@@ -229,6 +242,14 @@ def validate(raw: dict, source: str = "params") -> dict[str, dict[str, Any]]:
         raise ParamsError("param cam.scale_min: must not exceed cam.scale_max")
     if c["eval_thr_min"] > c["eval_thr_max"]:
         raise ParamsError("param cam.eval_thr_min: must not exceed cam.eval_thr_max")
+    a = out["affinity"]
+    if a["scale_min"] > a["scale_max"]:
+        raise ParamsError("param affinity.scale_min: must not exceed affinity.scale_max")
+    s = out["seg"]
+    if s["scale_min"] > s["scale_max"]:
+        raise ParamsError("param seg.scale_min: must not exceed seg.scale_max")
+    if any(r < 1 for r in s["aspp_rates"]) or any(v <= 0 for v in s["eval_scales"]):
+        raise ParamsError("param seg.aspp_rates / seg.eval_scales: values must be positive")
     for fmt in out["export"]["formats"]:
         if fmt not in ("voc", "coco", "zarr"):
             raise ParamsError(f"param export.formats: unknown format {fmt!r}; known: voc, coco, zarr")

@@ -51,15 +51,17 @@ def images_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def train_loop(model: torch.nn.Module, loader, step_fn: Callable[[dict], torch.Tensor], optimizer, epochs: int,
-               device: torch.device, desc: str, on_epoch_end: Callable[[int, float], None] | None = None) -> list[dict]:
+               device: torch.device, desc: str, on_epoch_end: Callable[[int, float], None] | None = None,
+               start_epoch: int = 0) -> list[dict]:
     """Run ``epochs`` epochs; ``step_fn(batch) -> loss``. Poly lr per step. Returns per-epoch history.
 
-    Logs one line per epoch: loss and images/s.
+    Logs one line per epoch: loss and images/s. ``start_epoch`` > 0 resumes (the poly schedule
+    continues where it stopped; the caller restores model and optimizer state).
     """
     total = epochs * max(1, len(loader))
-    step = 0
+    step = start_epoch * max(1, len(loader))
     history = []
-    for epoch in range(epochs):
+    for epoch in range(start_epoch, epochs):
         model.train()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         with progress_bar(total=len(loader), desc=f"{desc} {epoch + 1}/{epochs}", unit="batch") as bar:

@@ -1,8 +1,33 @@
-"""Stage random_walk (see dvc.yaml)."""
+"""Stage random_walk: data/cams.zarr + models/affinity -> data/pseudo.zarr, metrics/rw.json, plots/rw/gallery.png."""
+from pipeline.metrics import write_json
+from pipeline.progress import stage_timer
+from pipeline.refine.common import open_prepared, open_store
+from pipeline.refine.gallery import refine_gallery
+from pipeline.refine.random_walk import make_pseudo_store
+from pipeline.visual import save_png
+from stages.common import AFF_MODEL, CAMS, PLOTS, PREPARED, PSEUDO, SEEDS, start
 
 
 def main() -> None:
-    raise NotImplementedError("not implemented: stage random_walk, see issue 4")
+    params = start("random_walk")
+    rw = params["rw"]
+    device = "cpu" if params["compute"]["scheduler"] != "synchronous" else params["compute"]["device"]
+    if device == "auto":
+        from pipeline.compute import resolve_device
+
+        device = str(resolve_device("auto"))
+    with stage_timer("random_walk") as t:
+        metrics = make_pseudo_store(PREPARED, params["data"], CAMS, AFF_MODEL / "affinity.pt", PSEUDO, rw,
+                                    params["crf"], params["compute"], device=device)
+        t["n"] = metrics["images"]
+        t["extra"] = f"{'random walk' if rw['enabled'] else 'disabled: CAM labels'}, mIoU {metrics['miou']}%"
+    write_json("metrics/rw.json", metrics)
+    prepared, cams, pseudo = open_prepared(PREPARED, params["data"]), open_store(CAMS), open_store(PSEUDO)
+    ids = pseudo.ids[: params["data"]["gallery_ids"]]
+    columns = {"CRF seeds": open_store(SEEDS)} if SEEDS.exists() else {}
+    columns["random walk" if rw["enabled"] else "pseudo (no walk)"] = pseudo
+    if ids:
+        save_png(PLOTS / "rw" / "gallery.png", refine_gallery(prepared, ids, cams, columns, rw["alpha"]))
 
 
 if __name__ == "__main__":

