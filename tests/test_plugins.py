@@ -1,0 +1,83 @@
+"""Plugins: the example CAM method in examples/ runs through the make_cam stage code, found both
+by an entry point in group wsss.plugins and by a dotted path in params."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cam.run import make_cam_store
+from pipeline.config import preset
+from pipeline.datasets import PreparedData
+from pipeline.models.classifier import build_classifier
+from pipeline.prepare import prepare_dataset
+from pipeline.registry import CAM_METHODS, REFINERS, RegistryError, load_dotted
+from pipeline.store import Store
+
+PLUGIN_SRC = Path(__file__).resolve().parents[1] / "examples" / "wsss_cam_plugin" / "src"
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def plugin_on_path(tmp_path, monkeypatch):
+    """The example package importable, and advertised by an installed-looking dist-info."""
+    monkeypatch.syspath_prepend(str(PLUGIN_SRC))
+    dist = tmp_path / "site" / "wsss_cam_plugin-0.1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wsss-cam-plugin\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text("[wsss.plugins]\ncam_method.layercam = wsss_cam_plugin:LayerCAM\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    yield
+    sys.modules.pop("wsss_cam_plugin", None)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    params = preset("tiny")
+    params["data"].update(demo_num_train=6, demo_num_val=2)
+    out = tmp_path_factory.mktemp("prep") / "prepared"
+    prepare_dataset(params["data"], out, shard_images=4)
+    return params, PreparedData(params["data"], out)
+
+
+def test_entry_point_plugin_is_listed_and_resolved(plugin_on_path):
+    assert "layercam" in CAM_METHODS.names()
+    assert CAM_METHODS.get("layercam").__name__ == "LayerCAM"
+
+
+@pytest.mark.parametrize("name", ["layercam", "wsss_cam_plugin:LayerCAM"])
+def test_example_plugin_runs_through_make_cam(plugin_on_path, prepared, tmp_path, name):
+    params, data = prepared
+    params = {k: dict(v) for k, v in params.items()}
+    params["cam"].update(method=name, scales=[1.0], num_workers=0)
+    torch.manual_seed(0)
+    model = build_classifier("tiny", "none", data.num_classes - 1).eval()
+    meta = {"class_names": data.class_names, "backbone": "tiny"}
+    path, _ = make_cam_store(data, model, meta, params, torch.device("cpu"), tmp_path / "cams.zarr", "digest")
+    store = Store(path)
+    assert store.attrs["method"] == name
+    for i, image_id in enumerate(store.ids):
+        cam = store.read("cam", i).astype(np.float32)
+        labelled = np.asarray(data.labels(image_id)) - 1
+        absent = np.setdiff1d(np.arange(cam.shape[0]), labelled)
+        assert np.all(cam[absent] == 0)
+        assert cam.max() <= 1.0 + 1e-3 and cam.min() >= 0
+
+
+def test_unknown_plugin_name_lists_what_is_known():
+    with pytest.raises(RegistryError, match="unknown cam_method 'nosuch'.*gradcam"):
+        CAM_METHODS.get("nosuch")
+
+
+def test_bad_dotted_path_names_the_module():
+    with pytest.raises(RegistryError, match="no_such_module"):
+        load_dotted("no_such_module:Thing")
+
+
+def test_refiner_registry_holds_both_crf_modes():
+    import pipeline.refine  # noqa: F401  (registers the built-in seed makers)
+
+    assert {"affinitynet", "irnet"} <= set(REFINERS.names())
