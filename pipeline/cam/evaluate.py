@@ -1,0 +1,95 @@
+"""CAM evaluation: pseudo labels from CAMs with a background threshold, swept over a range.
+
+A pixel's pseudo label is the labelled class with the highest CAM when that score is above the
+background threshold, else background (0). Two trivial baselines put the numbers in context:
+``all_background`` (every pixel 0) and ``top_label`` (every pixel the image's most confident label).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from pipeline.metrics import ConfusionMatrix
+
+
+def threshold_range(lo: float, hi: float, step: float) -> list[float]:
+    """lo, lo+step, ..., up to hi inclusive (rounded to 6 decimals)."""
+    if step <= 0:
+        raise ValueError(f"param cam.eval_thr_step: must be positive, got {step}")
+    if lo > hi:
+        raise ValueError(f"param cam.eval_thr_min ({lo}) must not exceed cam.eval_thr_max ({hi})")
+    n = int(np.floor((hi - lo) / step + 1e-9)) + 1
+    return [round(lo + i * step, 6) for i in range(n)]
+
+
+def cams_to_image(cam: np.ndarray, size: Sequence[int], stride: int) -> np.ndarray:
+    """(K, ceil(H/s), ceil(W/s)) stride-grid maps -> (K, H, W) float32 (bilinear, cell j centred at (j+0.5)·s)."""
+    h, w = int(size[0]), int(size[1])
+    k, gh, gw = cam.shape
+    if k == 0:
+        return np.zeros((0, h, w), np.float32)
+    src = np.ascontiguousarray(cam.astype(np.float32).transpose(1, 2, 0))
+    if stride == 1:
+        up = src
+    else:
+        up = cv2.resize(src, (gw * stride, gh * stride), interpolation=cv2.INTER_LINEAR)
+    up = up.reshape(gh * stride, gw * stride, k)[:h, :w]
+    return np.ascontiguousarray(up.transpose(2, 0, 1))
+
+
+def pseudo_label(cam_full: np.ndarray, threshold: float) -> np.ndarray:
+    """(K, H, W) CAMs -> (H, W) uint8: argmax class (1..K) where its score > threshold, else 0."""
+    if cam_full.shape[0] == 0:
+        return np.zeros(cam_full.shape[1:], np.uint8)
+    top = cam_full.max(0)
+    return np.where(top > threshold, cam_full.argmax(0) + 1, 0).astype(np.uint8)
+
+
+class ThresholdSweep:
+    """Accumulates one confusion matrix per background threshold, plus the two baselines."""
+
+    def __init__(self, thresholds: Sequence[float], num_classes: int):
+        self.thresholds = list(thresholds)
+        self.num_classes = num_classes
+        self.matrices = [ConfusionMatrix(num_classes) for _ in self.thresholds]
+        self.baselines = {"all_background": ConfusionMatrix(num_classes), "top_label": ConfusionMatrix(num_classes)}
+        self.images = 0
+
+    def update(self, cam_full: np.ndarray, gt: np.ndarray, top_label: int) -> None:
+        """cam_full: (K, H, W) at image size; gt: (H, W) uint8 (255 ignored); top_label: class 1..K."""
+        top = cam_full.max(0) if cam_full.shape[0] else np.zeros(gt.shape, np.float32)
+        arg = (cam_full.argmax(0) + 1).astype(np.uint8) if cam_full.shape[0] else np.zeros(gt.shape, np.uint8)
+        for t, cm in zip(self.thresholds, self.matrices):
+            cm.update(np.where(top > t, arg, 0).astype(np.uint8), gt)
+        self.baselines["all_background"].update(np.zeros_like(gt), gt)
+        self.baselines["top_label"].update(np.full_like(gt, top_label), gt)
+        self.images += 1
+
+    def curve(self) -> list[dict]:
+        return [{"threshold": t, "miou": round(100 * cm.miou(), 2)} for t, cm in zip(self.thresholds, self.matrices)]
+
+    def best(self) -> tuple[float, ConfusionMatrix]:
+        scores = [cm.miou() for cm in self.matrices]
+        i = int(np.nanargmax(scores)) if np.isfinite(scores).any() else 0
+        return self.thresholds[i], self.matrices[i]
+
+    def summary(self, class_names: Sequence[str]) -> dict:
+        """ConfusionMatrix.summary at the best threshold + best_threshold + curve + baselines."""
+        thr, cm = self.best()
+        out = cm.summary(class_names)
+        out["best_threshold"] = thr
+        out["images"] = self.images
+        out["curve"] = self.curve()
+        out["baselines"] = {name: {"miou": round(100 * b.miou(), 2), "pixel_accuracy": round(100 * b.pixel_accuracy(), 2)}
+                            for name, b in self.baselines.items()}
+        return out
+
+
+def top_label(labels: Sequence[int], logits: np.ndarray) -> int:
+    """The image's most confident label (1..K): the labelled class with the highest classifier logit."""
+    labels = list(labels)
+    if not labels:
+        return 0
+    return int(max(labels, key=lambda c: float(logits[c - 1])))

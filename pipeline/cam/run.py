@@ -1,0 +1,145 @@
+"""What the train_cam and make_cam stages do, as functions of params, data and paths (the stages pick the paths)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pipeline.cam.evaluate import ThresholdSweep, cams_to_image, threshold_range, top_label
+from pipeline.cam.gallery import cam_gallery
+from pipeline.cam.infer import CamInference, compute_cams
+from pipeline.cam.methods import build_method
+from pipeline.cam.train import ClassificationSet, mean_average_precision, predict_scores, train_classifier
+from pipeline.models.classifier import CamClassifier, save_classifier
+from pipeline.progress import progress_bar
+from pipeline.store import ArraySpec, Store, write_store
+
+log = logging.getLogger("wsss")
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def set_cpu_threads(device: torch.device, num_workers: int) -> int:
+    """On CPU, leave one core per DataLoader worker: oversubscribed OpenMP threads spin and can run
+    10× slower on a busy machine. Returns the thread count used."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    from pipeline.compute import default_workers
+
+    n = max(1, default_workers() - num_workers)
+    torch.set_num_threads(n)
+    return n
+
+
+# ---------------------------------------------------------------- train_cam
+
+def train_and_save(prepared, params: dict, device: torch.device, checkpoint: Path, resume: Path) -> dict:
+    """Train on ``data.train_split``, save ``checkpoint``, score mAP on ``data.eval_split``.
+
+    Returns {"history": [...], "metrics": {...}} (the resume file is removed once the checkpoint exists)."""
+    cam, data, seed = params["cam"], params["data"], params["compute"]["seed"]
+    ids = prepared.ids(data["train_split"])
+    if not ids:
+        raise ValueError(f"split {data['train_split']!r} (param data.train_split) has no images")
+    ds = ClassificationSet(prepared.image, ids, [prepared.label_vector(i) for i in ids], cam["crop_size"],
+                           cam["scale_min"], cam["scale_max"], seed)
+    model, history = train_classifier(ds, cam, prepared.num_classes - 1, device, seed,
+                                      num_workers=cam["num_workers"], resume_path=resume)
+    save_classifier(checkpoint, model, cam["backbone"], prepared.class_names, cam)
+    if resume.is_file():
+        resume.unlink()
+    if resume.parent.is_dir() and not any(resume.parent.iterdir()):
+        resume.parent.rmdir()
+    metrics = {"train_images": len(ids), "epochs": cam["epochs"], "final_loss": round(history[-1]["loss"], 5),
+               "images_per_s": round(float(np.mean([h.get("images_per_s", 0.0) for h in history])), 1)}
+    val_ids = prepared.ids(data["eval_split"]) if data["eval_split"] in prepared.index["splits"] else []
+    if val_ids:
+        scores = predict_scores(model, [prepared.image(i) for i in val_ids], device)
+        targets = np.stack([prepared.label_vector(i) for i in val_ids])
+        cls = mean_average_precision(scores, targets, prepared.class_names[1:])
+        metrics.update({"val_images": len(val_ids), "val_map": cls["map"], "val_per_class_ap": cls["per_class_ap"]})
+    return {"history": history, "metrics": metrics}
+
+
+# ---------------------------------------------------------------- make_cam
+
+def cam_spec(stride: int, num_fg: int) -> ArraySpec:
+    return ArraySpec("float16", stride=stride, channels=num_fg, fill=0)
+
+
+def make_cam_store(prepared, model: CamClassifier, meta: dict, params: dict, device: torch.device, out: Path,
+                   classifier_digest: str, ids: Sequence[str] | None = None) -> tuple[Path, dict]:
+    """Write ``out`` (array "cam", see the data contract) for the train split, shard by shard (resumable).
+
+    Returns (path, {image id: logits (K,)}) for the images computed in this run."""
+    cam, data = params["cam"], params["data"]
+    if list(meta["class_names"]) != list(prepared.class_names):
+        raise ValueError(f"the classifier was trained for classes {meta['class_names']}, but the prepared data has "
+                         f"{prepared.class_names}; re-run train_cam")
+    ids = list(prepared.ids(data["train_split"]) if ids is None else ids)
+    sizes = prepared.sizes(ids)
+    method = build_method(cam["method"], model)
+    inference = CamInference(method, cam["scales"], cam["flip"], cam["stride"], device, dtype=cam["infer_dtype"])
+    logits_by_id: dict[str, np.ndarray] = {}
+
+    def compute(idx: list[int]) -> dict:
+        keys = [ids[i] for i in idx]
+        res = compute_cams(inference, prepared.image, keys, [sizes[i] for i in idx],
+                           [prepared.label_vector(k) for k in keys], num_workers=cam["num_workers"],
+                           max_batch=cam["infer_batch"])
+        logits_by_id.update({k: res[k][1] for k in keys})
+        return {"cam": [res[k][0].astype(np.float16) for k in keys]}
+
+    attrs = {"class_names": list(prepared.class_names), "stride": cam["stride"], "method": cam["method"],
+             "params": dict(cam), "split": data["train_split"], "backbone": meta["backbone"],
+             "classifier": classifier_digest}
+    path = write_store(out, ids, sizes, {"cam": cam_spec(cam["stride"], prepared.num_classes - 1)}, attrs, compute,
+                       shard_images=params["compute"]["shard_images"], progress="make_cam")
+    return path, logits_by_id
+
+
+def evaluate_cam_store(prepared, store: Store, model: CamClassifier, logits_by_id: dict, params: dict,
+                       device: torch.device) -> dict:
+    """Threshold sweep + baselines over the store's images that have GT. Returns the metrics dict."""
+    cam = params["cam"]
+    sweep = ThresholdSweep(threshold_range(cam["eval_thr_min"], cam["eval_thr_max"], cam["eval_thr_step"]),
+                           prepared.num_classes)
+    stride = int(store.attrs["stride"])
+    with progress_bar(total=len(store), desc="cam eval", unit="img") as bar:
+        for i, image_id in enumerate(store.ids):
+            bar.update(1)
+            gt = prepared.gt(image_id)
+            if gt is None:
+                continue
+            logits = logits_by_id.get(image_id)
+            if logits is None:  # computed by an earlier, interrupted run: score it again
+                logits = predict_scores(model, [prepared.image(image_id)], device)[0]
+            full = cams_to_image(store.read("cam", i).astype(np.float32), gt.shape, stride)
+            sweep.update(full, gt, top_label(prepared.labels(image_id), logits))
+    if sweep.images == 0:
+        raise ValueError(f"{store.path}: no image of split {store.attrs.get('split')!r} has ground truth to evaluate CAMs on")
+    out = sweep.summary(prepared.class_names)
+    out["method"] = cam["method"]
+    out["split"] = store.attrs.get("split")
+    return out
+
+
+def gallery_picture(prepared, store: Store, count: int, threshold: float) -> np.ndarray | None:
+    """Gallery of the first ``count`` images of the store (None when count is 0)."""
+    rows = []
+    for image_id in store.ids[:count]:
+        rows.append({"id": image_id, "image": prepared.image(image_id), "gt": prepared.gt(image_id),
+                     "cam": store.read("cam", image_id), "labels": prepared.labels(image_id)})
+    if not rows:
+        return None
+    return cam_gallery(rows, prepared.class_names, prepared.palette, int(store.attrs["stride"]), threshold)

@@ -1,0 +1,149 @@
+"""Training the CAM classifier on image-level labels, and its classification mAP.
+
+Multilabel soft-margin loss; poly lr with the head at ``head_lr_mult``×; random rescale, crop and
+flip; bf16 autocast + channels_last on CUDA. After every epoch a resume checkpoint (model,
+optimizer, history, a fingerprint of the run's settings) is written next to the final one, so an
+interrupted run continues from its last finished epoch and ends with the same weights.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.augment import normalise, random_scale_crop_flip
+from pipeline.models.classifier import CamClassifier, build_classifier
+from pipeline.store import fingerprint
+from pipeline.training import images_to, param_groups, save_checkpoint, to_device, train_loop
+
+log = logging.getLogger("wsss")
+
+TRAIN_KEYS = ("backbone", "weights", "epochs", "batch_size", "lr", "weight_decay", "head_lr_mult", "crop_size",
+              "scale_min", "scale_max")
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index) in a shuffled order that depends only on (seed, epoch); each pass over
+    it is the next epoch. Augmentation seeds come from the same pair, so a resumed run repeats the
+    uninterrupted run exactly, whatever the number of workers."""
+
+    def __init__(self, n: int, seed: int, start_epoch: int = 0):
+        self.n, self.seed, self.epoch = n, seed, start_epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        epoch = self.epoch
+        self.epoch += 1
+        return iter([(epoch, int(i)) for i in order])
+
+
+class ClassificationSet(torch.utils.data.Dataset):
+    """Augmented crops and multi-hot labels. Items: {"image": (3, c, c) float32, "label": (K,) float32}."""
+
+    def __init__(self, load_image: Callable[[str], np.ndarray], ids: Sequence[str], label_vectors: Sequence[np.ndarray],
+                 crop: int, scale_min: float, scale_max: float, seed: int):
+        self.load_image, self.ids, self.labels = load_image, list(ids), [np.asarray(v, np.float32) for v in label_vectors]
+        self.crop, self.scale_min, self.scale_max, self.seed = crop, scale_min, scale_max, seed
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        rng = np.random.default_rng([self.seed, epoch, i])
+        image, _, _ = random_scale_crop_flip(rng, self.load_image(self.ids[i]), [], self.crop, self.scale_min,
+                                             self.scale_max)
+        return {"image": normalise(image), "label": torch.from_numpy(self.labels[i])}
+
+
+def train_classifier(dataset: ClassificationSet, cam_params: dict, num_classes: int, device: torch.device, seed: int,
+                     num_workers: int = 0, resume_path: str | Path | None = None,
+                     on_epoch_end: Callable[[int, float], None] | None = None) -> tuple[CamClassifier, list[dict]]:
+    """Train and return (model in eval mode, per-epoch history [{epoch, loss, images_per_s}]).
+
+    ``resume_path``: where the per-epoch resume checkpoint lives (deleted by the caller once the
+    final checkpoint is saved). ``on_epoch_end(epoch, loss)`` runs after it is written."""
+    p = cam_params
+    torch.manual_seed(seed)
+    model = build_classifier(p["backbone"], p["weights"], num_classes)
+    model = to_device(model, device)
+    opt = torch.optim.SGD(param_groups(model.backbone, model.classifier, p["lr"], p["weight_decay"], p["head_lr_mult"]),
+                          lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"])
+    fp = fingerprint({k: p[k] for k in TRAIN_KEYS}, seed, len(dataset), num_classes)
+    history: list[dict] = []
+    start = 0
+    resume_path = Path(resume_path) if resume_path else None
+    if resume_path and resume_path.is_file():
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") == fp:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            history, start = list(state["history"]), int(state["epoch"])
+            log.info("train_cam: resuming after epoch %d/%d from %s", start, p["epochs"], resume_path)
+        else:
+            log.info("train_cam: %s was made with other settings; starting over", resume_path)
+
+    sampler = EpochSampler(len(dataset), seed, start_epoch=start)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=p["batch_size"], sampler=sampler, drop_last=len(dataset) > p["batch_size"],
+                                         num_workers=num_workers, persistent_workers=num_workers > 0,
+                                         pin_memory=device.type == "cuda")
+    if len(loader) == 0:
+        raise ValueError(f"param cam.batch_size: {p['batch_size']} leaves no batch for {len(dataset)} images")
+
+    def step(batch):
+        x = images_to(batch["image"], device)
+        y = batch["label"].to(device, non_blocking=True)
+        return F.multilabel_soft_margin_loss(model(x).float(), y)
+
+    records: list[dict] = []
+
+    def after_epoch(epoch: int, loss: float):
+        records.append({"epoch": epoch + 1, "loss": loss})
+        if resume_path:
+            save_checkpoint(resume_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                          "history": history + records, "epoch": epoch + 1, "fingerprint": fp})
+        if on_epoch_end:
+            on_epoch_end(epoch, loss)
+
+    run = train_loop(model, loader, step, opt, p["epochs"], device, "train_cam", on_epoch_end=after_epoch,
+                     start_epoch=start)
+    history = history + run
+    model.eval()
+    return model, history
+
+
+@torch.inference_mode()
+def predict_scores(model: CamClassifier, images: Sequence[np.ndarray], device: torch.device) -> np.ndarray:
+    """Sigmoid scores (N, K) for whole images (one at a time: sizes differ)."""
+    model.eval()
+    out = []
+    for im in images:
+        x = images_to(normalise(im)[None], device)
+        out.append(torch.sigmoid(model(x).float()).cpu().numpy()[0])
+    return np.stack(out) if out else np.zeros((0, model.num_classes), np.float32)
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """AP of one class (mean precision at each positive, ranked by score); NaN without positives."""
+    pos = targets > 0
+    if not pos.any():
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    hits = pos[order]
+    precision_at = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision_at[hits].mean())
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray, class_names: Sequence[str]) -> dict:
+    """{"map": %, "per_class_ap": {name: % or None}} over classes with at least one positive."""
+    aps = [average_precision(scores[:, k], targets[:, k]) for k in range(targets.shape[1])]
+    valid = [a for a in aps if np.isfinite(a)]
+    return {"map": round(100 * float(np.mean(valid)), 2) if valid else None,
+            "per_class_ap": {n: (round(100 * a, 2) if np.isfinite(a) else None) for n, a in zip(class_names, aps)}}
