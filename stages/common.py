@@ -19,6 +19,7 @@ LABEL_METRICS = Path("metrics/labels.json")
 SEG_METRICS = Path("metrics/segmenter.json")
 PLOTS = Path("plots")
 REPORTS = Path("reports")
+EXPORTS = Path("exports/pseudo_masks")
 
 
 def start(stage: str, params_file: str = "params.yaml") -> dict:

@@ -1,8 +1,22 @@
-"""Stage export (see dvc.yaml)."""
+"""Stage export: data/pseudo.zarr -> exports/pseudo_masks/{voc,coco,zarr} (per export.formats),
+each with manifest.json and a datasheet README.md (see pipeline.export.run_export)."""
+from pipeline.export import run_export
+from pipeline.progress import stage_timer
+from pipeline.report import read_json
+from stages.common import EXPORTS, LABEL_METRICS, PREPARED, PSEUDO, start
+
+# the namespaces that decide what the pseudo masks are (recorded in each manifest)
+MASK_NAMESPACES = ("data", "cam", "crf", "affinity", "rw", "compute")
 
 
 def main() -> None:
-    raise NotImplementedError("not implemented: stage export, see issue 5")
+    params = start("export")
+    mask_params = {k: params[k] for k in MASK_NAMESPACES if k in params}
+    with stage_timer("export") as t:
+        summary = run_export(PSEUDO, PREPARED, params["data"], params["export"]["formats"], EXPORTS, force=True,
+                             params=mask_params, label_metrics=read_json(LABEL_METRICS), nest=True)
+        t["n"] = summary["count"] * len(summary["formats"])
+        t["extra"] = ", ".join(f"{k} {v['bytes_per_image']:.0f} B/img" for k, v in summary["formats"].items())
 
 
 if __name__ == "__main__":

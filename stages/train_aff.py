@@ -1,6 +1,8 @@
 """Stage train_aff: data/seeds.zarr (+ the CAM classifier) -> models/affinity/affinity.pt, plots/train_aff/history.csv."""
 import csv
 
+import torch
+
 from pipeline.compute import resolve_device, seed_everything
 from pipeline.models.affinity import build_affinity_net
 from pipeline.progress import stage_timer
@@ -14,6 +16,8 @@ def main() -> None:
     params = start("train_aff")
     aff, compute = params["affinity"], params["compute"]
     seed_everything(compute["seed"])
+    if compute["torch_threads"]:
+        torch.set_num_threads(compute["torch_threads"])
     device = resolve_device(compute["device"])
     prepared = open_prepared(PREPARED, params["data"])
     seeds = Store(SEEDS)

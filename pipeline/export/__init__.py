@@ -1,0 +1,218 @@
+"""Export the pseudo masks for another team: VOC PNGs, COCO RLE json or a zarr store.
+
+:func:`run_export` is the one entry used by the ``export`` stage and by ``wsss export``. Every
+export folder holds the masks, ``manifest.json`` and a datasheet ``README.md``. Writes are safe:
+image ids cannot name files outside the folder, a non-empty target is refused unless
+``force``, and everything is written into a temporary sibling folder that is renamed into
+place only when complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from pipeline.export.formats import (READERS, ExportError, read_coco, read_voc, read_zarr, safe_member, write_coco,
+                                     write_voc, write_zarr)
+from pipeline.export.manifest import build_manifest, datasheet, dvc_lock_hashes, git_revision, utc_now
+from pipeline.metrics import ConfusionMatrix
+from pipeline.progress import progress_bar
+from pipeline.store import IGNORE_INDEX, Store, StoreError
+
+log = logging.getLogger("wsss")
+
+FORMATS = ("voc", "coco", "zarr")
+
+__all__ = ["FORMATS", "ExportError", "READERS", "read_coco", "read_export", "read_voc", "read_zarr", "run_export",
+           "safe_member"]
+
+
+def read_export(folder: str | Path) -> dict[str, np.ndarray]:
+    """{image_id: mask} of any export folder (its manifest names the format)."""
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return READERS[manifest["format"]](folder)
+
+
+def iter_store_masks(store: Store, name: str = "mask") -> Iterator[tuple[int, np.ndarray]]:
+    """(index, (H, W) mask) for every image, reading one shard-sized block at a time (10x faster than per image)."""
+    z = store.group[name]
+    spec = store.specs[name]
+    step = max(1, int(store.attrs.get("shard_images", 32)))
+    for lo in range(0, len(store.ids), step):
+        hi = min(lo + step, len(store.ids))
+        block = np.asarray(z[lo:hi])
+        for j in range(hi - lo):
+            gh, gw = spec.grid(store.sizes[lo + j])
+            yield lo + j, block[j, :gh, :gw]
+
+
+def _check_target(out_dir: Path, force: bool, protected: Sequence[Path]) -> None:
+    """Refuse a target that is a file, a non-empty folder (unless force), or holds / is an input or the cwd."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"export target {out_dir} exists and is not a folder")
+    target = out_dir.resolve()
+    for p in [Path.cwd(), *protected]:
+        p = Path(p).resolve()
+        if target == p or target in p.parents:
+            raise ExportError(f"export target {out_dir} is or contains {p}; pick a new folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ExportError(f"export target {out_dir} is not empty; pass --force (force=True) to replace it")
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first and removed after."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        old.rmdir()
+        out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        if old is not None:
+            old.rename(out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _image_file_name(prepared):
+    """id -> the image's file name in the dataset (COCO ``file_name``); the id + .jpg when unknown."""
+    def name(image_id: str) -> str:
+        try:
+            return prepared.dataset.image_path(image_id).name
+        except Exception:  # adapters without files (or a moved dataset): still a valid json
+            return f"{image_id}.jpg"
+    return name
+
+
+def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_params: dict, formats: Sequence[str],
+               out_dir: str | Path, force: bool = False, *, params: dict | None = None,
+               label_metrics: dict | None = None, lock_path: str | Path = "dvc.lock", repo_dir: str | Path = ".",
+               nest: bool | None = None, progress: bool = True) -> dict:
+    """Export the mask store at ``pseudo_store_path`` into ``out_dir``.
+
+    formats: any of ``voc``, ``coco``, ``zarr``. nest: write each format into ``out_dir/<format>``
+    (default: only when more than one format is asked for; the stage always nests). With one
+    format and nest False, ``out_dir`` itself is the export folder.
+    params: the full params dict recorded in the manifest; label_metrics: metrics/labels.json
+    content (per-stage mIoU) recorded as ``stage_metrics``.
+    Returns a summary: {"out_dir", "count", "formats": {fmt: {"path", "seconds", "images_per_s",
+    "bytes", "bytes_per_image"}}, "label_quality"}.
+    Raises ExportError (bad format, unsafe id, non-empty target without force, bad mask values).
+    """
+    from pipeline.datasets import PreparedData
+
+    formats = list(dict.fromkeys(formats))
+    if not formats:
+        raise ExportError("no export format given (voc, coco, zarr)")
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ExportError(f"unknown export format(s) {bad}; known: {list(FORMATS)}")
+    nest = len(formats) > 1 if nest is None else nest
+    if len(formats) > 1 and not nest:
+        raise ExportError("several formats need nest=True (one sub-folder per format)")
+    out_dir = Path(out_dir)
+    pseudo_store_path, prepared_dir = Path(pseudo_store_path), Path(prepared_dir)
+    _check_target(out_dir, force, [pseudo_store_path, prepared_dir])
+    try:
+        store = Store(pseudo_store_path)
+    except StoreError as e:
+        raise ExportError(str(e)) from e
+    if "mask" not in store.specs:
+        raise ExportError(f"{pseudo_store_path}: has no array 'mask' (arrays: {sorted(store.specs)})")
+    prepared = PreparedData(data_params, prepared_dir)
+    class_names = list(prepared.class_names)
+    if store.attrs.get("class_names") not in (None, class_names):
+        raise ExportError(f"{pseudo_store_path}: class names {store.attrs['class_names']} differ from the prepared "
+                          f"dataset's {class_names}")
+    for image_id in store.ids:
+        safe_member(out_dir, image_id, "")  # refuse before writing anything
+    split = store.attrs.get("split") or data_params["train_split"]
+    n_classes = len(class_names)
+    palette = np.asarray(prepared.palette, np.uint8)
+
+    # every pass validates each mask; the first also scores it against the GT (masks are never all in memory)
+    quality = ConfusionMatrix(n_classes)
+    scored = {"images": 0, "done": False}
+
+    def items() -> Iterator[tuple[str, np.ndarray]]:
+        for i, m in iter_store_masks(store):
+            image_id = store.ids[i]
+            bad_vals = np.setdiff1d(np.unique(m), np.r_[np.arange(n_classes), IGNORE_INDEX])
+            if bad_vals.size:
+                raise ExportError(f"{pseudo_store_path}: mask of {image_id!r} has values {bad_vals.tolist()} outside "
+                                  f"0..{n_classes - 1} and {IGNORE_INDEX}")
+            if not scored["done"] and image_id in prepared._items and prepared.has_gt(image_id):
+                quality.update(m, prepared.gt(image_id))
+                scored["images"] += 1
+            yield image_id, m
+        scored["done"] = True
+
+    def label_quality() -> dict | None:
+        if not scored["images"]:
+            return None
+        return {"images_with_gt": scored["images"], "measured_by": "export (masks vs ground truth, 255 left out)",
+                **quality.summary(class_names)}
+
+    common = dict(
+        dataset={"name": prepared.index.get("dataset"), "root": prepared.index.get("root"),
+                 "prepared_dir": str(prepared_dir)},
+        split=split, ids_count=len(store.ids), class_names=class_names, palette=palette.tolist(),
+        ignore_value=IGNORE_INDEX, params=params or {}, code_revision=git_revision(repo_dir),
+        inputs=dvc_lock_hashes(lock_path, [pseudo_store_path, prepared_dir]),
+        stage_metrics=label_metrics,
+        source={"store": str(pseudo_store_path), "fingerprint": store.attrs.get("fingerprint"),
+                "method": store.attrs.get("method")},
+        created=utc_now(),
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the published folder gets normal permissions
+    summary = {"out_dir": str(out_dir), "count": len(store.ids), "formats": {}}
+    try:
+        for fmt in formats:
+            folder = tmp / fmt if nest else tmp
+            folder.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            with progress_bar(total=len(store.ids), desc=f"export {fmt}", unit="img", disable=not progress) as bar:
+                tick = lambda: bar.update(1)  # noqa: E731
+                if fmt == "voc":
+                    written = write_voc(folder, items(), split, class_names, palette, tick)
+                    files = {"masks": "SegmentationClass/<id>.png", "ids": written[1], "class_names": written[2]}
+                elif fmt == "coco":
+                    info = {"description": f"pseudo masks of {common['dataset']['name']}/{split}",
+                            "version": "1", "date_created": common["created"]}
+                    written = write_coco(folder, items(), split, class_names, _image_file_name(prepared), info, tick)
+                    files = {"annotations": written[0]}
+                else:
+                    written = write_zarr(folder, store, items(), tick)
+                    files = {"store": "masks.zarr"}
+            seconds = time.perf_counter() - t0
+            mask_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            manifest = build_manifest(fmt=fmt, files=files, label_quality=label_quality(), **common)
+            (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            (folder / "README.md").write_text(datasheet(manifest))
+            summary["formats"][fmt] = {
+                "path": str(out_dir / fmt if nest else out_dir), "seconds": round(seconds, 3),
+                "images_per_s": round(len(store.ids) / seconds, 1) if seconds > 0 else None,
+                "bytes": mask_bytes, "bytes_per_image": round(mask_bytes / max(len(store.ids), 1), 1)}
+            log.info("export %s: %d images in %.2f s, %.0f bytes/image", fmt, len(store.ids), seconds,
+                     summary["formats"][fmt]["bytes_per_image"])
+        summary["label_quality"] = label_quality()
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.utime(out_dir)
+    return summary

@@ -1,0 +1,165 @@
+"""Writers and readers of the three export formats.
+
+Every writer takes an iterator of ``(image_id, mask)`` pairs ((H, W) uint8; 0 background,
+k class k, 255 ignore) and a target folder that already exists, and returns the list of files
+it wrote relative to that folder. Readers return ``{image_id: mask}`` so a round trip can be
+checked against the source store.
+
+- voc:  ``SegmentationClass/<id>.png`` palette PNGs, ``ImageSets/Segmentation/<split>.txt``,
+        ``class_names.txt`` (line k = class k).
+- coco: ``annotations/instances_<split>.json``: one annotation per class present per image,
+        compressed-RLE segmentation, ``iscrowd`` 0, ``category_id`` = class index (background
+        is category 0); pixels covered by no annotation are 255 (unsure).
+- zarr: ``masks.zarr``: a copy of the mask store (zarr v3, array "mask", attrs hold ids).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from pipeline.datasets.imageio import read_label_png, write_label_png
+from pipeline.store import IGNORE_INDEX, Store
+
+
+class ExportError(ValueError):
+    """An export cannot be written safely; the message names the id, file or param."""
+
+
+def safe_member(root: Path, image_id: str, suffix: str) -> Path:
+    """``root/<image_id><suffix>``, refusing ids that could name a file outside ``root``.
+
+    Refused: non-strings, empty ids, ids containing ``/``, ``\\`` or NUL, and ``.`` / ``..``;
+    the final path is also resolved and must sit directly in ``root``.
+    """
+    if (not isinstance(image_id, str) or not image_id or any(c in image_id for c in "/\\\x00")
+            or image_id in (".", "..")):
+        raise ExportError(f"unsafe image id {image_id!r}: empty, or contains a path separator or '..'")
+    path = root / f"{image_id}{suffix}"
+    if path.resolve().parent != root.resolve():
+        raise ExportError(f"unsafe image id {image_id!r}: would write outside {root}")
+    return path
+
+
+# --- VOC ------------------------------------------------------------------------------------
+
+def write_voc(out: Path, items: Iterable[tuple[str, np.ndarray]], split: str, class_names: list[str],
+              palette: np.ndarray, tick: Callable[[], None] = lambda: None) -> list[str]:
+    masks_dir = out / "SegmentationClass"
+    sets_dir = out / "ImageSets" / "Segmentation"
+    masks_dir.mkdir(parents=True)
+    sets_dir.mkdir(parents=True)
+    ids = []
+    for image_id, mask in items:
+        write_label_png(safe_member(masks_dir, image_id, ".png"), mask, palette)
+        ids.append(image_id)
+        tick()
+    (sets_dir / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    (out / "class_names.txt").write_text("".join(f"{n}\n" for n in class_names))
+    return ["SegmentationClass/", f"ImageSets/Segmentation/{split}.txt", "class_names.txt"]
+
+
+def read_voc(folder: str | Path, split: str | None = None) -> dict[str, np.ndarray]:
+    """{id: mask} of a VOC export (the split named in its manifest when ``split`` is None)."""
+    folder = Path(folder)
+    if split is None:
+        split = json.loads((folder / "manifest.json").read_text())["split"]
+    ids = (folder / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+    return {i: read_label_png(safe_member(folder / "SegmentationClass", i, ".png")) for i in ids}
+
+
+# --- COCO -----------------------------------------------------------------------------------
+
+def mask_annotations(mask: np.ndarray, num_classes: int) -> list[dict]:
+    """One COCO annotation dict per class present in ``mask`` (without id / image_id)."""
+    from pycocotools import mask as mask_utils
+
+    present = [int(k) for k in np.unique(mask) if k != IGNORE_INDEX]
+    if any(k >= num_classes for k in present):
+        raise ExportError(f"mask has class {max(present)} but only {num_classes} classes are named")
+    if not present:
+        return []
+    binary = np.asfortranarray(np.stack([mask == k for k in present], axis=2).astype(np.uint8))
+    rles = mask_utils.encode(binary)
+    areas = mask_utils.area(rles)
+    boxes = mask_utils.toBbox(rles)
+    out = []
+    for k, rle, area, box in zip(present, rles, areas, boxes):
+        out.append({"category_id": k, "segmentation": {"size": [int(v) for v in rle["size"]],
+                                                        "counts": rle["counts"].decode("ascii")},
+                    "area": float(area), "bbox": [float(v) for v in box], "iscrowd": 0})
+    return out
+
+
+def write_coco(out: Path, items: Iterable[tuple[str, np.ndarray]], split: str, class_names: list[str],
+               file_name: Callable[[str], str], info: dict, tick: Callable[[], None] = lambda: None) -> list[str]:
+    images, annotations = [], []
+    for n, (image_id, mask) in enumerate(items, start=1):
+        safe_member(out, image_id, "")  # same id rules as the other formats
+        h, w = mask.shape
+        images.append({"id": n, "file_name": file_name(image_id), "height": int(h), "width": int(w),
+                       "image_key": image_id})
+        for ann in mask_annotations(mask, len(class_names)):
+            annotations.append({"id": len(annotations) + 1, "image_id": n, **ann})
+        tick()
+    doc = {
+        "info": info,
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": k, "name": name, "supercategory": "background" if k == 0 else "object"}
+                       for k, name in enumerate(class_names)],
+    }
+    rel = f"annotations/instances_{split}.json"
+    (out / "annotations").mkdir(parents=True)
+    (out / rel).write_text(json.dumps(doc, separators=(",", ":")))
+    return [rel]
+
+
+def read_coco(path: str | Path) -> dict[str, np.ndarray]:
+    """{image_key: mask} from a COCO export json (or its folder), decoded with pycocotools."""
+    import contextlib
+    import io
+    import warnings
+
+    from pycocotools.coco import COCO
+
+    path = Path(path)
+    if path.is_dir():
+        manifest = json.loads((path / "manifest.json").read_text())
+        path = path / manifest["files"]["annotations"]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco = COCO(str(path))
+    out = {}
+    with warnings.catch_warnings():  # pycocotools + numpy 2 warn on every decode
+        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+        for img_id, img in coco.imgs.items():
+            mask = np.full((img["height"], img["width"]), IGNORE_INDEX, np.uint8)
+            for ann in coco.loadAnns(coco.getAnnIds(imgIds=[img_id])):
+                mask[coco.annToMask(ann).astype(bool)] = ann["category_id"]
+            out[img.get("image_key", img["file_name"])] = mask
+    return out
+
+
+# --- zarr -----------------------------------------------------------------------------------
+
+def write_zarr(out: Path, store: Store, items: Iterator[tuple[str, np.ndarray]],
+               tick: Callable[[], None] = lambda: None) -> list[str]:
+    """Copy the store's files; ``items`` is consumed only to validate every mask and count progress."""
+    for image_id, _ in items:
+        safe_member(out, image_id, "")
+        tick()
+    shutil.copytree(store.path, out / "masks.zarr")
+    return ["masks.zarr/"]
+
+
+def read_zarr(folder: str | Path) -> dict[str, np.ndarray]:
+    folder = Path(folder)
+    store = Store(folder / "masks.zarr")
+    return {i: store.read("mask", i) for i in store.ids}
+
+
+READERS = {"voc": read_voc, "coco": read_coco, "zarr": read_zarr}

@@ -1,0 +1,197 @@
+"""AffinityNet: a backbone's multi-level features -> a per-pixel embedding whose L1 distances give
+pixel-pair affinities on a fixed stride grid (Ahn & Kwak, CVPR 2018).
+
+Pairs are the half-plane ``pair_offsets(radius)`` (each unordered pair once): offset ``(dy, dx)``
+pairs grid cell ``(y, x)`` with ``(y + dy, x + dx)``. Affinity maps are ``(B, P, h, w)`` with
+``aff[:, p, y, x] = exp(-mean_d |f(y, x) - f(y + dy, x + dx)|)`` in (0, 1]; entries whose partner
+falls outside the grid are 0 (and ignored by the loss and the random walk).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.models.backbones import Backbone, build_backbone
+from pipeline.store import IGNORE_INDEX
+
+
+def pair_offsets(radius: int) -> list[tuple[int, int]]:
+    """Half-plane offsets (dy, dx) with 0 < dy^2 + dx^2 < radius^2 (radius 5 -> 34 offsets)."""
+    if radius < 1:
+        raise ValueError(f"param affinity.radius: must be >= 1, got {radius}")
+    out = [(0, dx) for dx in range(1, radius)]
+    out += [(dy, dx) for dy in range(1, radius) for dx in range(-radius + 1, radius) if dy * dy + dx * dx < radius * radius]
+    return out
+
+
+def shifted(x: torch.Tensor, dy: int, dx: int, fill: float = 0.0) -> torch.Tensor:
+    """``out[..., y, x] = x[..., y + dy, x + dx]`` with ``fill`` where that falls outside."""
+    h, w = x.shape[-2:]
+    out = torch.full_like(x, fill)
+    ys, yd = (slice(dy, h), slice(0, h - dy)) if dy >= 0 else (slice(0, h + dy), slice(-dy, h))
+    xs, xd = (slice(dx, w), slice(0, w - dx)) if dx >= 0 else (slice(0, w + dx), slice(-dx, w))
+    if ys.stop - ys.start > 0 and xs.stop - xs.start > 0:
+        out[..., yd, xd] = x[..., ys, xs]
+    return out
+
+
+def in_bounds(h: int, w: int, offsets: Sequence[tuple[int, int]], device=None) -> torch.Tensor:
+    """(P, h, w) bool: the partner of cell (y, x) under offset p lies inside the grid."""
+    ones = torch.ones(1, h, w, dtype=torch.bool, device=device)
+    return torch.cat([shifted(ones, dy, dx, fill=False) for dy, dx in offsets], 0)
+
+
+def grid_size(size: Sequence[int], stride: int) -> tuple[int, int]:
+    return math.ceil(int(size[0]) / stride), math.ceil(int(size[1]) / stride)
+
+
+def default_dims(levels: int) -> list[int]:
+    """Embedding channels per backbone level, shallow to deep: ..., 32, 64, 128."""
+    return [max(8, 128 >> (levels - 1 - i)) for i in range(levels)]
+
+
+class AffinityNet(nn.Module):
+    """Backbone + one 1x1 conv (GroupNorm, ReLU) per level + a 1x1 mixing conv -> embedding.
+
+    ``embedding(x)``: (B, 3, H, W) normalised images -> (B, D, ceil(H/stride), ceil(W/stride)).
+    ``affinities(emb, offsets)``: -> (B, P, h, w) in [0, 1].
+    """
+
+    def __init__(self, backbone: Backbone, stride: int = 4, dims: Sequence[int] | None = None,
+                 freeze_bn: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.stride = int(stride)
+        # every level, shallow ones too: a stride-4 grid needs stride-4 features to place boundaries
+        self.dims = list(dims) if dims is not None else default_dims(len(backbone.channels))
+        self.freeze_bn = freeze_bn
+        levels = list(backbone.channels)[-len(self.dims):]
+        if len(levels) < len(self.dims):
+            raise ValueError(f"backbone has {len(levels)} feature levels, AffinityNet needs {len(self.dims)}")
+        self.level_index = list(range(len(backbone.channels) - len(self.dims), len(backbone.channels)))
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, d, 1, bias=False), nn.GroupNorm(min(8, d), d), nn.ReLU(inplace=True))
+            for c, d in zip(levels, self.dims))
+        total = sum(self.dims)
+        self.mix = nn.Conv2d(total, total, 1, bias=False)
+        nn.init.xavier_uniform_(self.mix.weight, gain=4.0)
+        for h in self.heads:
+            nn.init.kaiming_normal_(h[0].weight)
+
+    def head_parameters(self):
+        return list(self.heads.parameters()) + list(self.mix.parameters())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.freeze_bn:  # batches are small: keep the classifier's BN statistics
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        size = grid_size(x.shape[-2:], self.stride)
+        feats = self.backbone(x)
+        parts = []
+        for head, i in zip(self.heads, self.level_index):
+            f = head(feats[i])
+            if f.shape[-2:] != size:
+                f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+            parts.append(f)
+        return self.mix(torch.cat(parts, 1))
+
+    @staticmethod
+    def affinities(emb: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
+        h, w = emb.shape[-2:]
+        out = []
+        for dy, dx in offsets:
+            d = (emb - shifted(emb, dy, dx)).abs().mean(1)
+            out.append(torch.exp(-d))
+        aff = torch.stack(out, 1)
+        return aff * in_bounds(h, w, offsets, emb.device).unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
+        return self.affinities(self.embedding(x), offsets)
+
+
+def seed_to_grid(seed: np.ndarray, stride: int) -> np.ndarray:
+    """Full-resolution (H, W) uint8 seed -> (ceil(H/s), ceil(W/s)) by sampling each cell's centre pixel."""
+    h, w = seed.shape
+    gh, gw = grid_size((h, w), stride)
+    ys = np.minimum(np.arange(gh) * stride + stride // 2, h - 1)
+    xs = np.minimum(np.arange(gw) * stride + stride // 2, w - 1)
+    return seed[np.ix_(ys, xs)]
+
+
+def pair_labels(seed_grid: torch.Tensor, offsets: Sequence[tuple[int, int]]):
+    """(B, h, w) long seeds on the grid -> (bg_pos, fg_pos, neg) masks, each (B, P, h, w) bool.
+
+    Same class -> positive (background and foreground kept apart), different classes -> negative,
+    a 255 at either end or a partner outside the grid -> in none of the three.
+    """
+    a = seed_grid.unsqueeze(1)
+    b = torch.stack([shifted(seed_grid, dy, dx, fill=IGNORE_INDEX) for dy, dx in offsets], 1)
+    known = (a != IGNORE_INDEX) & (b != IGNORE_INDEX)
+    same = known & (a == b)
+    return same & (a == 0), same & (a != 0), known & (a != b)
+
+
+def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor,
+                  eps: float = 1e-5) -> tuple[torch.Tensor, dict]:
+    """PSA-style loss: mean -log(aff) over bg positives and fg positives (each weighted 1/4) and
+    mean -log(1 - aff) over negatives (weighted 1/2); a term with no pairs contributes 0."""
+    def mean_over(values, mask):
+        n = mask.sum()
+        return (values * mask).sum() / n.clamp(min=1), int(n)
+
+    pos_term = -torch.log(aff + eps)
+    neg_term = -torch.log(1.0 + eps - aff)
+    bg, nbg = mean_over(pos_term, bg_pos)
+    fg, nfg = mean_over(pos_term, fg_pos)
+    ng, nng = mean_over(neg_term, neg)
+    loss = bg / 4 + fg / 4 + ng / 2
+    return loss, {"bg_pos": nbg, "fg_pos": nfg, "neg": nng}
+
+
+def build_affinity_net(backbone_name: str, init: str, stride: int, classifier_checkpoint: str | Path | None = None,
+                       dims: Sequence[int] | None = None) -> tuple[AffinityNet, str]:
+    """``init``: ``classifier`` (the trained CAM classifier's backbone), ``imagenet``, ``none`` or a
+    path to backbone weights. Returns (model, backbone name); with ``classifier`` the name is the
+    classifier's own."""
+    if init == "classifier":
+        if classifier_checkpoint is None or not Path(classifier_checkpoint).is_file():
+            raise FileNotFoundError(f"param affinity.init=classifier: classifier checkpoint not found: {classifier_checkpoint}; "
+                                    "run the train_cam stage or set affinity.init to imagenet | none | <path>")
+        from pipeline.models.classifier import load_classifier
+
+        loaded = load_classifier(classifier_checkpoint, torch.device("cpu"))
+        model, meta = loaded if isinstance(loaded, tuple) else (loaded, {})
+        backbone, backbone_name = model.backbone, meta.get("backbone", backbone_name)
+    else:
+        backbone = build_backbone(backbone_name, init)
+    return AffinityNet(backbone, stride=stride, dims=dims, freeze_bn=init != "none"), backbone_name
+
+
+def affinity_checkpoint(model: AffinityNet, backbone_name: str, radius: int, extra: dict | None = None) -> dict:
+    return {"state_dict": model.state_dict(), "backbone": backbone_name, "stride": model.stride,
+            "dims": list(model.dims), "radius": int(radius), **(extra or {})}
+
+
+def load_affinity_net(path: str | Path, device: torch.device | str = "cpu") -> AffinityNet:
+    """Rebuild an AffinityNet saved by the train_aff stage (eval mode, on ``device``)."""
+    from pipeline.training import load_checkpoint
+
+    ck = load_checkpoint(path)
+    for key in ("state_dict", "backbone", "stride", "dims", "radius"):
+        if key not in ck:
+            raise ValueError(f"{path}: not an AffinityNet checkpoint (missing {key!r}); re-run the train_aff stage")
+    model = AffinityNet(build_backbone(ck["backbone"], "none"), stride=ck["stride"], dims=ck["dims"])
+    model.load_state_dict(ck["state_dict"])
+    model.radius = int(ck["radius"])
+    return model.to(device).eval()

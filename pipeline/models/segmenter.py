@@ -1,0 +1,74 @@
+"""The final segmenter: a DeepLab-v2-style ASPP head on a registry backbone.
+
+``Segmenter(num_classes, backbone, weights, rates, channels)`` maps a (B, 3, H, W) normalised
+image batch to (B, num_classes, H, W) logits. The head follows DeepLab-v2's ASPP: parallel
+3x3 convolutions with different dilation rates on the deepest feature map, one branch per
+rate, whose class scores are summed; the sum is bilinearly upsampled to the input size.
+Each branch has a small hidden layer (3x3 dilated -> 1x1, as DeepLab-v2's "ASPP-L" fc6/fc7)
+because the demo backbone trains from scratch and a bare linear branch learns too slowly.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.models.backbones import build_backbone
+
+
+class ASPPBranch(nn.Module):
+    """3x3 conv at one dilation rate -> BN -> ReLU -> 1x1 -> BN -> ReLU -> dropout -> 1x1 to classes."""
+
+    def __init__(self, cin: int, hidden: int, num_classes: int, rate: int, dropout: float):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, hidden, 3, padding=rate, dilation=rate, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout),
+        )
+        self.classifier = nn.Conv2d(hidden, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x))
+
+
+class ASPPHead(nn.Module):
+    """Sum of per-rate branches: (B, cin, h, w) -> (B, num_classes, h, w)."""
+
+    def __init__(self, cin: int, num_classes: int, rates: Sequence[int], hidden: int = 128, dropout: float = 0.1):
+        super().__init__()
+        if not rates:
+            raise ValueError("param seg.aspp_rates: needs at least one dilation rate")
+        self.branches = nn.ModuleList(ASPPBranch(cin, hidden, num_classes, int(r), dropout) for r in rates)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branches[0](x)
+        for b in self.branches[1:]:
+            out = out + b(x)
+        return out
+
+
+class Segmenter(nn.Module):
+    """Backbone (deepest feature map) -> ASPP head -> logits at input resolution."""
+
+    def __init__(self, num_classes: int, backbone: str = "tiny", weights: str = "none",
+                 rates: Sequence[int] = (1, 2, 4), channels: int = 128, dropout: float = 0.1):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"a segmenter needs at least 2 classes (background + one), got {num_classes}")
+        self.num_classes = num_classes
+        self.backbone = build_backbone(backbone, weights)
+        self.head = ASPPHead(self.backbone.out_channels, num_classes, rates, channels, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(x)[-1]
+        logits = self.head(feats)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def build_segmenter(num_classes: int, seg: dict) -> Segmenter:
+    """A Segmenter from the ``seg`` params namespace."""
+    return Segmenter(num_classes, seg["backbone"], seg["weights"], rates=seg["aspp_rates"],
+                     channels=seg["aspp_channels"], dropout=seg["dropout"])

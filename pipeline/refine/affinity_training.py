@@ -1,0 +1,78 @@
+"""Training AffinityNet on pixel-pair labels derived from CRF seeds."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.augment import normalise, random_scale_crop_flip
+from pipeline.models.affinity import (AffinityNet, affinity_checkpoint, affinity_loss, pair_labels, pair_offsets,
+                                      seed_to_grid)
+from pipeline.store import Store
+
+log = logging.getLogger("wsss")
+
+
+class SeedCrops(Dataset):
+    """(image, seed) pairs -> random scale/crop/flip -> {"image": (3, S, S) float, "seed": (S/s, S/s) long}.
+
+    The seed grid samples each stride cell's centre pixel; padding and 255 seeds are ignored pairs.
+    """
+
+    def __init__(self, prepared, seeds: Store, ids, crop: int, stride: int, scale_min: float, scale_max: float, seed: int):
+        self.prepared, self.seeds, self.ids = prepared, seeds, list(ids)
+        self.crop, self.stride = crop, stride
+        self.scale_min, self.scale_max = scale_min, scale_max
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        image = self.prepared.image(self.ids[i])
+        seed = self.seeds.read("seed", self.ids[i])
+        if seed.shape != image.shape[:2]:
+            raise ValueError(f"{self.seeds.path}: seed of {self.ids[i]!r} is {seed.shape}, image is {image.shape[:2]}")
+        image, (seed,), _ = random_scale_crop_flip(rng, image, [seed], self.crop, self.scale_min, self.scale_max)
+        return {"image": normalise(image), "seed": torch.from_numpy(seed_to_grid(seed, self.stride).astype(np.int64))}
+
+
+def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, device: torch.device, seed: int,
+                   backbone_name: str, out_path: str | Path) -> list[dict]:
+    """Train ``model`` with the ``affinity`` params; save the checkpoint to ``out_path``; return the per-epoch history."""
+    from pipeline.training import images_to, param_groups, save_checkpoint, to_device, train_loop
+
+    offsets = pair_offsets(aff["radius"])
+    data = SeedCrops(prepared, seeds, ids, aff["crop_size"], model.stride, aff["scale_min"], aff["scale_max"], seed)
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(data, batch_size=aff["batch_size"], shuffle=True, drop_last=len(data) > aff["batch_size"],
+                        num_workers=aff["num_workers"], generator=gen, persistent_workers=False)
+    model = to_device(model, device)
+    opt = torch.optim.SGD(param_groups(model.backbone, model.head_parameters(), aff["lr"], aff["weight_decay"],
+                                       aff["head_lr_mult"]), lr=aff["lr"], momentum=0.9)
+    counts = {"bg_pos": 0, "fg_pos": 0, "neg": 0}
+
+    def step(batch):
+        x = images_to(batch["image"], device)
+        s = batch["seed"].to(device)
+        a = model(x, offsets)
+        bg, fg, neg = pair_labels(s, offsets)
+        loss, n = affinity_loss(a.float(), bg, fg, neg)
+        for k in counts:
+            counts[k] += n[k]
+        return loss
+
+    def epoch_end(epoch, loss):
+        data.epoch = epoch + 1
+        log.info("train_aff epoch %d: pairs so far bg+ %d, fg+ %d, neg %d", epoch + 1, counts["bg_pos"],
+                 counts["fg_pos"], counts["neg"])
+
+    history = train_loop(model, loader, step, opt, aff["epochs"], device, "train_aff", on_epoch_end=epoch_end)
+    state = affinity_checkpoint(model.cpu(), backbone_name, aff["radius"], {"params": dict(aff), "pairs": dict(counts)})
+    save_checkpoint(out_path, state)
+    return history

@@ -1,0 +1,135 @@
+"""Pieces the refiners share: CAM resampling, the background channel, per-process input caches,
+and the loop that maps a per-image function over a store through the dask helper."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+from pipeline.store import IGNORE_INDEX
+
+
+def resize_maps(maps: np.ndarray, size: Sequence[int], interp=cv2.INTER_LINEAR) -> np.ndarray:
+    """(K, h, w) float -> (K, H, W) float32 (cv2 resize, channel by channel in one call)."""
+    h, w = int(size[0]), int(size[1])
+    maps = np.asarray(maps, np.float32)
+    k = maps.shape[0]
+    if k == 0:
+        return np.zeros((0, h, w), np.float32)
+    if maps.shape[1:] == (h, w):
+        return maps.copy()
+    out = np.empty((k, h, w), np.float32)
+    for lo in range(0, k, 256):  # cv2 handles at most 512 channels per call
+        part = cv2.resize(np.ascontiguousarray(maps[lo:lo + 256].transpose(1, 2, 0)), (w, h), interpolation=interp)
+        out[lo:lo + 256] = part.reshape(h, w, -1).transpose(2, 0, 1)
+    return out
+
+
+def grid_to_image(maps: np.ndarray, size: Sequence[int], stride: int) -> np.ndarray:
+    """Maps on a stride grid (K, ceil(H/s), ceil(W/s)) -> (K, H, W) float32.
+
+    Grid cell i covers pixels [i*s, (i+1)*s): resize to the padded canvas, then crop, so the
+    geometry is exact whatever H mod s is.
+    """
+    h, w = int(size[0]), int(size[1])
+    gh, gw = maps.shape[-2:]
+    return resize_maps(maps, (gh * stride, gw * stride))[:, :h, :w]
+
+
+def present_classes(labels: Sequence[int]) -> list[int]:
+    """Sorted, unique foreground class indices (1..C-1)."""
+    return sorted({int(c) for c in labels})
+
+
+def with_background(cams: np.ndarray, alpha: float) -> np.ndarray:
+    """(K, h, w) foreground scores -> (1 + K, h, w) with channel 0 = (1 - max_k cam)^alpha."""
+    fg_max = cams.max(0) if len(cams) else np.zeros(cams.shape[1:], np.float32)
+    bg = np.power(np.clip(1.0 - fg_max, 0.0, 1.0), alpha).astype(np.float32)
+    return np.concatenate([bg[None], cams.astype(np.float32)], 0)
+
+
+def to_class_labels(index: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """Channel index map (0 = background, k = classes[k-1]) -> uint8 class labels (255 kept)."""
+    lut = np.full(256, IGNORE_INDEX, np.uint8)
+    lut[0] = 0
+    for k, c in enumerate(classes, start=1):
+        lut[k] = c
+    return lut[np.asarray(index).astype(np.int64).clip(0, 255)]
+
+
+@lru_cache(maxsize=4)
+def _prepared_cached(prepared_dir: str, data_json: str, stamp: float):
+    from pipeline.datasets import PreparedData
+
+    return PreparedData(json.loads(data_json), prepared_dir)
+
+
+def open_prepared(prepared_dir: str | Path, data_params: dict):
+    """PreparedData, opened once per process (worker processes reuse it across images)."""
+    idx = Path(prepared_dir) / "index.json"
+    stamp = idx.stat().st_mtime if idx.exists() else 0.0
+    return _prepared_cached(str(prepared_dir), json.dumps(data_params, sort_keys=True), stamp)
+
+
+@lru_cache(maxsize=8)
+def _store_cached(path: str, stamp: float):
+    from pipeline.store import Store
+
+    return Store(path)
+
+
+def open_store(path: str | Path):
+    """A committed Store, opened once per process; a rewritten store is reopened."""
+    meta = Path(path) / "zarr.json"
+    stamp = meta.stat().st_mtime_ns if meta.exists() else 0.0
+    return _store_cached(str(path), stamp)
+
+
+def read_cams(cams_path: str | Path, image_id: str, classes: Sequence[int]) -> tuple[np.ndarray, int]:
+    """The CAMs of ``classes`` for one image: ((K, gh, gw) float32 in [0, 1], grid stride)."""
+    store = open_store(cams_path)
+    cam = store.read("cam", image_id)
+    idx = [c - 1 for c in classes]
+    if idx and max(idx) >= cam.shape[0]:
+        raise ValueError(f"{cams_path}: image {image_id!r} has class {max(classes)} but the store has {cam.shape[0]} channels")
+    return np.clip(cam[idx].astype(np.float32), 0.0, 1.0), int(store.specs["cam"].stride)
+
+
+def quiet_dask_logs() -> None:
+    """The stage log shows one line per stage; distributed's per-worker INFO lines drown it."""
+    import logging
+
+    for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def map_over_store(run: Callable, fn: Callable, tasks: Sequence, writer, array: str,
+                   on_result: Callable[[int, np.ndarray], None] | None = None, desc: str = "") -> dict:
+    """Fill ``writer`` (a StoreWriter) shard by shard with ``run(fn, tasks[shard])``; resumes past
+    finished shards; ``on_result(index, array)`` sees every image (including resumed ones, re-read)."""
+    from pipeline.progress import progress_bar
+
+    pending = writer.pending_shards()
+    done_shards = [s for s in range(writer.n_shards) if s not in pending]
+    with progress_bar(total=len(tasks), desc=desc, unit="img") as bar:
+        for s in done_shards:  # resumed: feed metrics from what is already written
+            idx = writer.shard_indices(s)
+            if on_result is not None:
+                z = writer.group[array]
+                for i in idx:
+                    gh, gw = writer.specs[array].grid(writer.sizes[i])
+                    on_result(i, np.asarray(z[i, :gh, :gw]))
+            bar.update(len(idx))
+        for s in pending:
+            idx = list(writer.shard_indices(s))
+            results = run(fn, [tasks[i] for i in idx])
+            writer.write_shard(s, {array: results})
+            if on_result is not None:
+                for i, r in zip(idx, results):
+                    on_result(i, r)
+            bar.update(len(idx))
+    return {"resumed_shards": len(done_shards), "computed_shards": len(pending)}

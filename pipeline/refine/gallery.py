@@ -1,0 +1,38 @@
+"""Galleries of the refiners' outputs: fixed images in rows, one column per label map."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.refine.common import grid_to_image, present_classes, to_class_labels, with_background
+from pipeline.store import IGNORE_INDEX
+from pipeline.visual import colourise, grid, heatmap
+
+
+def _cam_columns(prepared, cams, image_id: str, alpha: float):
+    image = prepared.image(image_id)
+    classes = present_classes(prepared.labels(image_id))
+    cam = cams.read("cam", image_id)[[c - 1 for c in classes]].astype(np.float32)
+    full = grid_to_image(cam, image.shape[:2], int(cams.specs["cam"].stride))
+    cam_max = full.max(0) if len(full) else np.zeros(image.shape[:2], np.float32)
+    cam_label = to_class_labels(with_background(full, alpha).argmax(0), classes)
+    return image, cam_max, cam_label
+
+
+def refine_gallery(prepared, ids: Sequence[str], cams, columns: dict, alpha: float, cell: int = 128) -> np.ndarray:
+    """Rows = ``ids``; columns: image, GT, CAM heatmap, CAM argmax (background (1 - max)^alpha),
+    then one column per entry of ``columns`` ({title: Store with array "seed" or "mask"})."""
+    pal = prepared.palette
+    rows = []
+    for image_id in ids:
+        image, cam_max, cam_label = _cam_columns(prepared, cams, image_id, alpha)
+        gt = prepared.gt(image_id)
+        gt = gt if gt is not None else np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
+        row = [image, colourise(gt, pal), heatmap(image, cam_max), colourise(cam_label, pal)]
+        for store in columns.values():
+            name = "seed" if "seed" in store.specs else "mask"
+            row.append(colourise(store.read(name, image_id), pal))
+        rows.append(row)
+    titles = ["image", "ground truth", "CAM max", f"CAM argmax a={alpha:g}"] + list(columns)
+    return grid(rows, titles=titles, cell=cell, row_labels=list(ids))

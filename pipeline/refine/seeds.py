@@ -1,0 +1,181 @@
+"""Confident seeds from CAMs: (H, W) uint8 maps with 0 = background, k = class k, 255 = unsure.
+
+Seed makers share one interface (:class:`SeedMaker`) and are registered in
+``pipeline.registry.REFINERS``; ``crf.mode`` picks one by name, so a plugin can add its own
+(entry point ``refiner.<name>`` in group ``wsss.plugins``, or a dotted path).
+
+- ``affinitynet`` (Ahn & Kwak 2018): background score (1 - max CAM)^alpha with a low alpha
+  (``crf.alpha_fg``, confident foreground) and a high alpha (``crf.alpha_bg``, confident
+  background); each score stack goes through the dense CRF; pixels where the two CRF labellings
+  disagree are 255.
+- ``irnet`` (Ahn et al. 2019): foreground where CAM >= ``crf.fg_threshold``, background where
+  max CAM < ``crf.bg_threshold``; each hard labelling goes through a label CRF
+  (``crf.gt_prob``); disagreement -> 255.
+
+With ``crf.enabled: false`` no CRF runs and the seeds are the plain thresholds
+(:func:`threshold_seeds`): argmax class where max CAM >= ``crf.fg_threshold``, background where
+max CAM < ``crf.bg_threshold``, 255 in between.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.refine.common import (grid_to_image, map_over_store, open_prepared, open_store, present_classes,
+                                    quiet_dask_logs,
+                                    read_cams, to_class_labels, with_background)
+from pipeline.refine.crf import CrfSettings, crf_argmax, label_crf
+from pipeline.registry import REFINERS
+from pipeline.store import IGNORE_INDEX
+
+
+def agreeing(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two label maps -> their common label where they agree, 255 where they differ."""
+    return np.where(a == b, a, IGNORE_INDEX).astype(np.uint8)
+
+
+def threshold_labels(cams: np.ndarray, threshold: float) -> np.ndarray:
+    """(K, H, W) -> channel index map: 0 where max < threshold, else 1 + argmax."""
+    if len(cams) == 0:
+        return np.zeros(cams.shape[1:], np.int64)
+    return np.where(cams.max(0) >= threshold, cams.argmax(0) + 1, 0)
+
+
+class SeedMaker(ABC):
+    """Makes one image's seed map from its CAMs.
+
+    Built once per process from the ``crf`` params namespace; called per image with
+    ``image`` (H, W, 3) uint8, ``cams`` (K, H, W) float32 in [0, 1] at full resolution for the
+    image's K labelled classes, and ``classes`` (the K class indices, 1..C-1). Returns (H, W)
+    uint8 with 0 = background, class index, or 255 = unsure.
+    """
+
+    def __init__(self, crf: dict):
+        self.crf = crf
+        self.settings = CrfSettings.from_params(crf)
+
+    @abstractmethod
+    def __call__(self, image: np.ndarray, cams: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+        ...
+
+
+@REFINERS.register("affinitynet")
+class AffinityNetSeeds(SeedMaker):
+    def __call__(self, image, cams, classes):
+        lo = crf_argmax(image, with_background(cams, self.crf["alpha_fg"]), self.settings)
+        hi = crf_argmax(image, with_background(cams, self.crf["alpha_bg"]), self.settings)
+        return to_class_labels(agreeing(lo, hi), classes)
+
+
+@REFINERS.register("irnet")
+class IRNetSeeds(SeedMaker):
+    def __call__(self, image, cams, classes):
+        n = len(classes) + 1
+        gt_prob = self.crf["gt_prob"]
+        fg = label_crf(image, threshold_labels(cams, self.crf["fg_threshold"]), n, gt_prob, self.settings)
+        bg = label_crf(image, threshold_labels(cams, self.crf["bg_threshold"]), n, gt_prob, self.settings)
+        return to_class_labels(agreeing(fg, bg), classes)
+
+
+def threshold_seeds(cams: np.ndarray, classes: Sequence[int], fg_threshold: float, bg_threshold: float) -> np.ndarray:
+    """No CRF: class where max CAM >= fg_threshold, background where < bg_threshold, else 255."""
+    fg = threshold_labels(cams, fg_threshold)
+    bg = threshold_labels(cams, bg_threshold)
+    return to_class_labels(agreeing(fg, bg), classes)
+
+
+def seed_maker(crf: dict) -> SeedMaker:
+    """The SeedMaker named by ``crf.mode`` (built-in, plugin or dotted path)."""
+    cls = REFINERS.get(crf["mode"])
+    maker = cls(crf)
+    if not callable(maker):
+        raise TypeError(f"param crf.mode: {crf['mode']!r} does not build a callable seed maker")
+    return maker
+
+
+@dataclass(frozen=True)
+class SeedTask:
+    """Everything one worker needs for one image (small and picklable)."""
+
+    image_id: str
+    prepared_dir: str
+    data: dict
+    cams_path: str
+    crf: dict
+
+
+_MAKERS: dict[str, SeedMaker] = {}
+
+
+def seeds_for_image(image: np.ndarray, cam_grid: np.ndarray, stride: int, classes: Sequence[int], crf: dict) -> np.ndarray:
+    """One image: image (H, W, 3) uint8, cam_grid (K, gh, gw) for ``classes`` -> (H, W) uint8 seeds."""
+    cams = grid_to_image(cam_grid, image.shape[:2], stride)
+    if not crf["enabled"]:
+        return threshold_seeds(cams, classes, crf["fg_threshold"], crf["bg_threshold"])
+    key = repr(sorted(crf.items()))
+    if key not in _MAKERS:
+        _MAKERS.clear()
+        _MAKERS[key] = seed_maker(crf)
+    return _MAKERS[key](image, cams, classes)
+
+
+def make_seed(task: SeedTask) -> np.ndarray:
+    """Worker entry (top level, picklable): loads the image and its CAMs itself -> (H, W) uint8."""
+    prepared = open_prepared(task.prepared_dir, task.data)
+    classes = present_classes(prepared.labels(task.image_id))
+    cam_grid, stride = read_cams(task.cams_path, task.image_id, classes)
+    image = prepared.image(task.image_id)
+    seed = seeds_for_image(image, cam_grid, stride, classes, task.crf)
+    if seed.shape != image.shape[:2]:
+        raise ValueError(f"seed maker {task.crf['mode']!r} returned shape {seed.shape} for image {task.image_id!r} "
+                         f"of size {image.shape[:2]}")
+    return np.ascontiguousarray(seed, dtype=np.uint8)
+
+
+def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path, out_path: str | Path, crf: dict,
+                    compute: dict, split: str | None = None) -> dict:
+    """Seeds for every image of the CAM store's split -> ``out_path`` (array "seed").
+
+    Per-image work runs through ``pipeline.compute.dask_client(compute.scheduler, compute.workers)``;
+    shards are written as they finish (an interrupted run resumes). Returns the metrics dict:
+    ConfusionMatrix summary over labelled pixels (``coverage`` = share labelled) plus run facts.
+    """
+    from pipeline.compute import dask_client
+    from pipeline.metrics import ConfusionMatrix
+    from pipeline.store import ArraySpec, StoreWriter
+
+    prepared = open_prepared(prepared_dir, data)
+    cams = open_store(cams_path)
+    split = split or cams.attrs.get("split") or data["train_split"]
+    ids = list(cams.ids)
+    if crf["enabled"]:
+        seed_maker(crf)  # fail early on a bad crf.mode
+    tasks = [SeedTask(i, str(prepared_dir), data, str(cams_path), crf) for i in ids]
+    attrs = {"kind": "seeds", "class_names": prepared.class_names, "stride": 1, "split": split,
+             "params": crf, "method": crf["mode"] if crf["enabled"] else "threshold",
+             "cams_fingerprint": cams.attrs.get("fingerprint")}
+    writer = StoreWriter(out_path, ids, prepared.sizes(ids), {"seed": ArraySpec("uint8", stride=1, fill=IGNORE_INDEX)},
+                         attrs, shard_images=compute["shard_images"])
+    cm = ConfusionMatrix(prepared.num_classes)
+
+    def score(i, seed):
+        gt = prepared.gt(ids[i])
+        if gt is not None:
+            cm.update(seed, gt)
+
+    t0 = time.perf_counter()
+    quiet_dask_logs()
+    with dask_client(compute["scheduler"], compute["workers"]) as run:
+        run_info = map_over_store(run, make_seed, tasks, writer, "seed", on_result=score, desc="crf seeds")
+    writer.commit()
+    metrics = cm.summary(prepared.class_names)
+    metrics.update({"enabled": bool(crf["enabled"]), "mode": crf["mode"] if crf["enabled"] else "threshold",
+                    "precision": metrics["pixel_accuracy"], "images": len(ids), "split": split,
+                    "seconds": round(time.perf_counter() - t0, 2), **run_info})
+    return metrics
+

@@ -1,0 +1,58 @@
+"""Synthetic inputs for the refiners' tests and benchmarks: a tiny prepared demo dataset and a CAM
+store made from its ground truth (blurred, shifted, noisy class masks), written with StoreWriter
+exactly as the make_cam stage writes data/cams.zarr."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.store import ArraySpec, StoreWriter
+
+
+def tiny_demo(root: str | Path, num_train: int = 6, num_val: int = 2, side: tuple[int, int] = (48, 64), seed: int = 0):
+    """Generate and prepare a tiny demo dataset under ``root``. Returns (params, prepared_dir)."""
+    from pipeline.config import preset
+    from pipeline.prepare import prepare_dataset
+
+    root = Path(root)
+    params = preset("tiny")
+    params["data"].update({"root": str(root / "demo"), "demo_num_train": num_train, "demo_num_val": num_val,
+                           "demo_min_side": side[0], "demo_max_side": side[1], "demo_seed": seed})
+    prepared_dir = root / "prepared"
+    prepare_dataset(params["data"], prepared_dir, shard_images=params["compute"]["shard_images"])
+    return params, prepared_dir
+
+
+def fake_cam(gt: np.ndarray, classes, num_fg: int, stride: int, rng: np.random.Generator, blur: float = 0.15,
+             shift: int = 2, noise: float = 0.1) -> np.ndarray:
+    """(C-1, ceil(H/s), ceil(W/s)) float16 CAM-like maps in [0, 1] from a GT mask."""
+    h, w = gt.shape
+    gh, gw = -(-h // stride), -(-w // stride)
+    cam = np.zeros((num_fg, gh, gw), np.float32)
+    sigma = max(1.0, blur * min(h, w))
+    for c in classes:
+        m = (gt == c).astype(np.float32)
+        m = np.roll(m, tuple(rng.integers(-shift, shift + 1, 2)), axis=(0, 1))
+        m = cv2.GaussianBlur(m, (0, 0), sigma) + noise * rng.random((h, w)).astype(np.float32)
+        canvas = np.zeros((gh * stride, gw * stride), np.float32)
+        canvas[:h, :w] = m
+        g = cv2.resize(canvas, (gw, gh), interpolation=cv2.INTER_AREA)
+        cam[c - 1] = g / max(float(g.max()), 1e-6)
+    return cam.astype(np.float16)
+
+
+def write_fake_cams(prepared, ids, path: str | Path, stride: int = 4, seed: int = 0, shard_images: int = 8, **kw) -> Path:
+    """A CAM store (array "cam") for ``ids`` of a PreparedData, from its GT."""
+    rng = np.random.default_rng(seed)
+    num_fg = prepared.num_classes - 1
+    ids = list(ids)
+    w = StoreWriter(path, ids, prepared.sizes(ids), {"cam": ArraySpec("float16", stride=stride, channels=num_fg, fill=0)},
+                    {"class_names": prepared.class_names, "stride": stride, "method": "synthetic", "params": {},
+                     "split": "train"}, shard_images=shard_images)
+    for s in w.pending_shards():
+        idx = w.shard_indices(s)
+        w.write_shard(s, {"cam": [fake_cam(prepared.gt(ids[i]), prepared.labels(ids[i]), num_fg, stride, rng, **kw)
+                                  for i in idx]})
+    return w.commit()

@@ -1,0 +1,174 @@
+"""The run's report: a self-contained ``index.html`` with its pictures as PNG files next to it.
+
+It shows the per-stage table (CAM -> CRF seeds -> random walk on the train split, segmenter on
+the eval split, and the fully-supervised upper bound when one was measured), per-class IoU
+bars, and galleries with every stage side by side. Nothing in it needs our code to read.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from pipeline.visual import grid, save_png
+
+# (key in metrics/labels.json or the report's own rows, label shown, which split it is measured on)
+LABEL_STAGES = (("cam", "CAM", "train"), ("crf", "CRF seeds", "train"), ("rw", "random walk (pseudo masks)", "train"))
+
+
+def read_json(path: str | Path) -> dict | None:
+    """The JSON object in ``path``, or None when the file is missing."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def merge_label_metrics(metric_files: dict[str, str | Path]) -> dict:
+    """{"cam": …, "crf": …, "rw": …, "stages_run": [keys whose file exists]} (missing stages are None)."""
+    out = {key: read_json(path) for key, path in metric_files.items()}
+    out["stages_run"] = [k for k in metric_files if out[k] is not None]
+    return out
+
+
+def stage_rows(labels: dict, segmenter: dict | None, upper_bound: dict | None, train_split: str = "train",
+               eval_split: str = "val") -> list[dict]:
+    """One row per stage that has metrics: {"stage", "label", "split", "miou", "coverage", "pixel_accuracy"}."""
+    rows = []
+    for key, label, _ in LABEL_STAGES:
+        m = labels.get(key)
+        if m:
+            rows.append({"stage": key, "label": label, "split": m.get("split", train_split), "miou": m.get("miou"),
+                         "coverage": m.get("coverage"), "pixel_accuracy": m.get("pixel_accuracy")})
+    for key, label, m in (("segmenter", "segmenter", segmenter), ("upper_bound", "segmenter on GT (upper bound)", upper_bound)):
+        if m:
+            rows.append({"stage": key, "label": label, "split": m.get("split", eval_split), "miou": m.get("miou"),
+                         "coverage": m.get("coverage"), "pixel_accuracy": m.get("pixel_accuracy")})
+    return rows
+
+
+def per_class_table(stages: dict[str, dict | None]) -> tuple[list[str], dict[str, dict[str, float | None]]]:
+    """(class names, {stage: {class: iou %}}) over the stages whose metrics exist."""
+    names: list[str] = []
+    table = {}
+    for stage, m in stages.items():
+        if not m or "per_class_iou" not in m:
+            continue
+        table[stage] = dict(m["per_class_iou"])
+        names += [n for n in m["per_class_iou"] if n not in names]
+    return names, table
+
+
+def per_class_bars(names: Sequence[str], table: dict[str, dict[str, float | None]], path: str | Path) -> Path:
+    """Grouped horizontal bars of per-class IoU, one colour per stage; saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(table)
+    n = max(len(stages), 1)
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) * n + 1.2), dpi=90)
+    h = 0.8 / n
+    y = np.arange(len(names))
+    for j, s in enumerate(stages):
+        vals = [table[s].get(c) for c in names]
+        ax.barh(y + j * h, [0 if v is None else v for v in vals], height=h, label=s)
+    ax.set_yticks(y + h * (n - 1) / 2, names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("IoU %")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def stage_bars(rows: Sequence[dict], path: str | Path) -> Path:
+    """Horizontal bars of mIoU per stage (split in the label); saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.0), dpi=90)
+    labels = [f"{r['label']} ({r['split']})" for r in rows]
+    vals = [r["miou"] or 0 for r in rows]
+    ax.barh(labels, vals, color=["#4c72b0" if r["stage"] not in ("segmenter", "upper_bound") else "#dd8452" for r in rows])
+    for i, v in enumerate(vals):
+        ax.text(v + 1, i, f"{v:.1f}", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("mIoU %")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def gallery(ids: Sequence[str], columns: Sequence[tuple[str, Callable[[str], np.ndarray | None]]], path: str | Path,
+            cell: int = 112) -> Path | None:
+    """A grid: one row per image id, one column per (title, id -> RGB image or None) that gives images."""
+    if not ids:
+        return None
+    cols = []
+    for title, fn in columns:
+        cells = [fn(i) for i in ids]
+        if all(c is not None for c in cells):
+            cols.append((title, cells))
+    rows = [[c[1][r] for c in cols] for r in range(len(ids))]
+    return save_png(path, grid(rows, titles=[c[0] for c in cols], cell=cell, row_labels=list(ids)))
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.1f}"
+
+
+def write_report(out_dir: str | Path, *, title: str, rows: Sequence[dict], class_names: Sequence[str],
+                 per_class: dict[str, dict], figures: Sequence[tuple[str, str | Path | None, str]], notes: Sequence[str],
+                 details: dict | None = None) -> Path:
+    """Write ``out_dir/index.html``. figures: (heading, PNG path inside out_dir or None, caption)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    e = html.escape
+    stage_table = "".join(
+        f"<tr><td>{e(r['label'])}</td><td>{e(str(r['split']))}</td><td class=n>{_fmt(r['miou'])}</td>"
+        f"<td class=n>{_fmt(r['coverage'])}</td><td class=n>{_fmt(r['pixel_accuracy'])}</td></tr>" for r in rows)
+    head = "".join(f"<th>{e(s)}</th>" for s in per_class)
+    pc_rows = "".join(f"<tr><td>{e(c)}</td>" + "".join(f"<td class=n>{_fmt(per_class[s].get(c))}</td>" for s in per_class)
+                      + "</tr>" for c in class_names)
+    figs = "".join(
+        f"<h2>{e(h)}</h2><p>{e(cap)}</p><img src=\"{e(Path(p).name)}\" alt=\"{e(h)}\">" for h, p, cap in figures if p)
+    note_html = "".join(f"<li>{e(n)}</li>" for n in notes)
+    details_html = (f"<h2>Details</h2><pre>{e(json.dumps(details, indent=1))}</pre>" if details else "")
+    created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    doc = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 9px}}
+th{{background:#f3f3f3}}td.n{{text-align:right;font-variant-numeric:tabular-nums}}
+img{{max-width:100%;border:1px solid #ddd}}pre{{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}}
+</style></head><body>
+<h1>{e(title)}</h1><p>Generated {created}. All numbers are percentages; 255 (unsure) pixels are left out of every IoU.</p>
+<h2>Stages</h2>
+<table><tr><th>stage</th><th>split</th><th>mIoU</th><th>coverage</th><th>pixel accuracy</th></tr>{stage_table}</table>
+<ul>{note_html}</ul>
+<h2>Per-class IoU</h2>
+<table><tr><th>class</th>{head}</tr>{pc_rows}</table>
+{figs}
+{details_html}
+</body></html>
+"""
+    path = out_dir / "index.html"
+    path.write_text(doc)
+    return path

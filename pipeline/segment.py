@@ -1,0 +1,209 @@
+"""Training and inference for the final segmenter (see :mod:`pipeline.models.segmenter`).
+
+- :func:`mask_source` gives the training labels: the pseudo masks (``data/pseudo.zarr``) or,
+  for the fully-supervised upper bound, the ground truth.
+- :func:`train_segmenter` trains with pixel-wise cross-entropy that skips 255 (unsure / ignore),
+  SGD with poly lr and a 10x head lr, random scale / crop / flip; AMP + channels_last on CUDA.
+- :func:`predict_probs` runs one image at one or more scales (+ flip) and returns class
+  probabilities at the image's size; :func:`crf_refine` optionally sharpens them with a dense CRF.
+- :func:`predict_store` writes the predictions of a split to a mask store and scores them.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.augment import normalise, random_scale_crop_flip
+from pipeline.metrics import ConfusionMatrix
+from pipeline.store import IGNORE_INDEX, ArraySpec, Store, write_store
+from pipeline.training import autocast, images_to, param_groups, to_device, train_loop
+
+log = logging.getLogger("wsss")
+
+MaskFn = Callable[[str], np.ndarray]
+
+
+def mask_source(kind: str, prepared, pseudo_path: str | Path, ids: Sequence[str]) -> MaskFn:
+    """``id -> (H, W) uint8`` training mask. kind ``pseudo``: the pseudo-mask store; ``gt``: ground truth.
+
+    Raises ValueError naming the store / param when the source does not cover ``ids``.
+    """
+    if kind == "pseudo":
+        store = Store(pseudo_path)
+        missing = [i for i in ids if i not in store._index]
+        if missing:
+            raise ValueError(f"{pseudo_path}: has no pseudo mask for {len(missing)} training images, e.g. {missing[:3]}; "
+                             f"re-run the stage that writes it (dvc repro random_walk)")
+        return lambda i: store.read("mask", i)
+    if kind == "gt":
+        missing = [i for i in ids if not prepared.has_gt(i)]
+        if missing:
+            raise ValueError(f"param seg.labels=gt: {len(missing)} training images have no ground truth, e.g. {missing[:3]}")
+        return prepared.gt
+    raise ValueError(f"param seg.labels: {kind!r} is not 'pseudo' or 'gt'")
+
+
+class SegTrainSet(torch.utils.data.Dataset):
+    """Augmented (image, mask) crops. Items: {"image": (3, S, S) float32, "mask": (S, S) int64}.
+
+    The augmentation of item i in epoch e is fixed by (seed, e, i), so runs repeat exactly
+    whatever the number of loader workers. Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, prepared, ids: Sequence[str], masks: MaskFn, crop: int, scale_min: float, scale_max: float,
+                 seed: int = 0):
+        if not ids:
+            raise ValueError("segmenter training set is empty")
+        self.prepared, self.ids, self.masks = prepared, list(ids), masks
+        self.crop, self.scale_min, self.scale_max, self.seed = crop, scale_min, scale_max, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        image, mask = self.prepared.image(image_id), self.masks(image_id)
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"mask of image {image_id!r} is {mask.shape}, image is {image.shape[:2]}")
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image, (mask,), _ = random_scale_crop_flip(rng, image, [mask], self.crop, self.scale_min, self.scale_max)
+        return {"image": normalise(image), "mask": torch.from_numpy(mask.astype(np.int64))}
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over labelled pixels (255 skipped); 0 (with a gradient path) when none is labelled."""
+    if not bool((target != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
+
+
+def train_segmenter(model: torch.nn.Module, train_set: SegTrainSet, seg: dict, device: torch.device,
+                    seed: int = 0) -> list[dict]:
+    """Train ``model`` in place on ``train_set`` with the ``seg`` params; returns per-epoch history."""
+    model = to_device(model, device)
+    groups = param_groups(model.backbone, model.head, seg["lr"], seg["weight_decay"], seg["head_lr_mult"])
+    optimizer = torch.optim.SGD(groups, lr=seg["lr"], momentum=0.9, weight_decay=seg["weight_decay"])
+    gen = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=seg["batch_size"], shuffle=True, generator=gen, num_workers=seg["num_workers"],
+        drop_last=len(train_set) > seg["batch_size"], pin_memory=device.type == "cuda",
+        persistent_workers=False)
+
+    def step(batch: dict) -> torch.Tensor:
+        x = images_to(batch["image"], device)
+        y = batch["mask"].to(device, non_blocking=True)
+        return segmentation_loss(model(x), y)
+
+    return train_loop(model, loader, step, optimizer, seg["epochs"], device, "train_seg",
+                      on_epoch_end=lambda epoch, loss: train_set.set_epoch(epoch + 1))
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, image: np.ndarray, device: torch.device, scales: Sequence[float] = (1.0,),
+                  flip: bool = False) -> np.ndarray:
+    """(H, W, 3) uint8 -> (C, H, W) float32 class probabilities, averaged over scales (and flips)."""
+    h, w = image.shape[:2]
+    x = normalise(image)[None]
+    total = None
+    n = 0
+    for s in scales:
+        xs = x if s == 1.0 else F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))),
+                                               mode="bilinear", align_corners=False)
+        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
+        with autocast(device):
+            logits = model(images_to(batch, device)).float()
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        probs = logits.softmax(1)
+        if flip:
+            probs = probs[:1] + probs[1:].flip(-1)
+        total = probs[0] if total is None else total + probs[0]
+        n += 2 if flip else 1
+    return (total / n).cpu().numpy().astype(np.float32)
+
+
+def crf_refine(image: np.ndarray, probs: np.ndarray, crf: dict) -> np.ndarray:
+    """Dense-CRF refinement of (C, H, W) probabilities with the ``crf`` params namespace's kernels.
+
+    Returns (C, H, W) float32 marginals after ``crf.iterations`` mean-field steps.
+    """
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    c, h, w = probs.shape
+    d = dcrf.DenseCRF2D(w, h, c)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.clip(probs, 1e-8, 1.0))))
+    d.addPairwiseGaussian(sxy=crf["gaussian_sxy"], compat=crf["gaussian_compat"])
+    d.addPairwiseBilateral(sxy=crf["bilateral_sxy"], srgb=crf["bilateral_srgb"],
+                           rgbim=np.ascontiguousarray(image), compat=crf["bilateral_compat"])
+    q = d.inference(crf["iterations"])
+    return np.asarray(q, np.float32).reshape(c, h, w)
+
+
+def predict_mask(model: torch.nn.Module, image: np.ndarray, device: torch.device, seg: dict,
+                 crf: dict | None = None) -> np.ndarray:
+    """(H, W) uint8 class map with the ``seg`` eval settings (scales, flip, optional CRF)."""
+    probs = predict_probs(model, image, device, seg["eval_scales"], seg["eval_flip"])
+    if seg["eval_crf"]:
+        if crf is None:
+            raise ValueError("param seg.eval_crf is true but no crf params were given")
+        probs = crf_refine(image, probs, crf)
+    return probs.argmax(0).astype(np.uint8)
+
+
+def predict_store(model: torch.nn.Module, prepared, ids: Sequence[str], path: str | Path, device: torch.device,
+                  seg: dict, crf: dict | None, attrs: dict, shard_images: int = 32) -> Path:
+    """Predict every image of ``ids`` into a mask store at ``path`` (array "mask", 255-free)."""
+    model = to_device(model, device).eval()
+
+    def compute(indices):
+        return {"mask": [predict_mask(model, prepared.image(ids[i]), device, seg, crf) for i in indices]}
+
+    return write_store(path, ids, prepared.sizes(ids), {"mask": ArraySpec("uint8", fill=IGNORE_INDEX)},
+                       attrs, compute, shard_images=shard_images, progress="predict")
+
+
+def score_store(store: Store, prepared, ids: Sequence[str] | None = None, array: str = "mask") -> ConfusionMatrix:
+    """Confusion matrix of a mask store's images (``ids`` or all) against the ground truth."""
+    cm = ConfusionMatrix(prepared.num_classes)
+    for image_id in store.ids if ids is None else ids:
+        gt = prepared.gt(image_id)
+        if gt is not None:
+            cm.update(store.read(array, image_id), gt)
+    return cm
+
+
+ARCH_KEYS = ("backbone", "aspp_rates", "aspp_channels", "dropout")
+
+
+def save_segmenter(path: str | Path, model: torch.nn.Module, seg: dict, class_names: list[str], labels: str,
+                   history: list[dict]) -> Path:
+    """Checkpoint {"state_dict", "arch", "num_classes", "class_names", "labels", "seg", "history"} (atomic)."""
+    from pipeline.training import save_checkpoint
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return save_checkpoint(path, {"state_dict": state, "arch": {k: seg[k] for k in ARCH_KEYS},
+                                  "num_classes": len(class_names), "class_names": list(class_names), "labels": labels,
+                                  "seg": dict(seg), "history": list(history)})
+
+
+def load_segmenter(path: str | Path, device: torch.device):
+    """(model in eval mode on ``device``, checkpoint dict) from :func:`save_segmenter`'s file."""
+    from pipeline.models.segmenter import build_segmenter
+    from pipeline.training import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("state_dict", "arch", "num_classes", "labels") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a segmenter checkpoint (missing {missing}); re-run the train_seg stage")
+    model = build_segmenter(ckpt["num_classes"], {**ckpt["arch"], "weights": "none"})
+    model.load_state_dict(ckpt["state_dict"])
+    return to_device(model, device).eval(), ckpt
