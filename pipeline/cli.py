@@ -24,10 +24,13 @@ def _export(args):
     from pipeline.config import load_params
     from pipeline.export import run_export
 
+    from pipeline.report import read_json
+
     params = load_params(args.params)
-    out = run_export(pseudo_store=args.store, prepared_dir=args.prepared, data_params=params["data"],
-                     formats=args.format, out_dir=args.out, force=args.force, params=params)
-    print(f"exported {', '.join(args.format)} to {out}")
+    formats = list(dict.fromkeys(args.format))
+    summary = run_export(args.store, args.prepared, params["data"], formats, args.out, force=args.force, params=params,
+                         label_metrics=read_json(args.metrics), nest=len(formats) > 1)
+    print(f"exported {summary['count']} masks as {', '.join(formats)} to {summary['out_dir']}")
 
 
 def _ablate(args):
@@ -67,6 +70,7 @@ def main(argv=None) -> None:
     p.add_argument("--store", default="data/pseudo.zarr", help="mask store to export")
     p.add_argument("--prepared", default="data/prepared")
     p.add_argument("--params", default="params.yaml")
+    p.add_argument("--metrics", default="metrics/labels.json", help="label-quality metrics to put in the manifest")
     p.set_defaults(fn=_export)
 
     p = sub.add_parser("ablate", help="run a grid of DVC experiments and print a per-stage mIoU table")
