@@ -77,6 +77,8 @@ def plot_rows(rows: list[dict], keys: list[str], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.visual import save_figure
+
     metrics = [t for _, t in STAGE_COLUMNS] + ["segmenter (val)"]
     labels = [", ".join(f"{k.split('.')[-1]}={r[k]}" for k in keys) for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 3.5))
@@ -88,11 +90,7 @@ def plot_rows(rows: list[dict], keys: list[str], path: str | Path) -> Path:
     ax.set_ylabel("mIoU (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def ablate(specs: Sequence[str], out_md: str | Path = "reports/ablation.md", out_png: str | Path = "reports/ablation.png",

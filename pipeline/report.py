@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pipeline.visual import grid, save_png
+from pipeline.visual import grid, save_figure, save_png
 
 # (key in metrics/labels.json or the report's own rows, label shown, which split it is measured on)
 LABEL_STAGES = (("cam", "CAM", "train"), ("crf", "CRF seeds", "train"), ("rw", "random walk (pseudo masks)", "train"))
@@ -83,11 +83,7 @@ def per_class_bars(names: Sequence[str], table: dict[str, dict[str, float | None
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def stage_bars(rows: Sequence[dict], path: str | Path) -> Path:
@@ -108,11 +104,7 @@ def stage_bars(rows: Sequence[dict], path: str | Path) -> Path:
     ax.set_xlabel("mIoU %")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def gallery(ids: Sequence[str], columns: Sequence[tuple[str, Callable[[str], np.ndarray | None]]], path: str | Path,

@@ -133,3 +133,35 @@ def map_over_store(run: Callable, fn: Callable, tasks: Sequence, writer, array: 
                     on_result(i, r)
             bar.update(len(idx))
     return {"resumed_shards": len(done_shards), "computed_shards": len(pending)}
+
+
+def write_scored_label_store(prepared, ids: Sequence[str], out_path, array: str, attrs: dict, fn: Callable,
+                             tasks: Sequence, compute: dict, desc: str) -> dict:
+    """Map ``fn`` over ``tasks`` through dask into a full-resolution uint8 label store ``out_path``
+    (array ``array``, 255 = unsure), scoring every image against GT as it arrives.
+
+    Returns the ConfusionMatrix summary plus ``seconds``, ``resumed_shards``, ``computed_shards``.
+    """
+    import time
+
+    from pipeline.compute import dask_client
+    from pipeline.metrics import ConfusionMatrix
+    from pipeline.store import IGNORE_INDEX, ArraySpec, StoreWriter
+
+    writer = StoreWriter(out_path, ids, prepared.sizes(ids), {array: ArraySpec("uint8", stride=1, fill=IGNORE_INDEX)},
+                         attrs, shard_images=compute["shard_images"])
+    cm = ConfusionMatrix(prepared.num_classes)
+
+    def score(i, labels):
+        gt = prepared.gt(ids[i])
+        if gt is not None:
+            cm.update(labels, gt)
+
+    t0 = time.perf_counter()
+    quiet_dask_logs()
+    with dask_client(compute["scheduler"], compute["workers"]) as run:
+        run_info = map_over_store(run, fn, tasks, writer, array, on_result=score, desc=desc)
+    writer.commit()
+    metrics = cm.summary(prepared.class_names)
+    metrics.update({"seconds": round(time.perf_counter() - t0, 2), **run_info})
+    return metrics

@@ -10,7 +10,6 @@ O(N^2) memory and O(logt x N^3) time for squaring the dense matrix as the publis
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,9 +20,8 @@ import numpy as np
 import torch
 
 from pipeline.models.affinity import in_bounds, shifted
-from pipeline.refine.common import (grid_to_image, map_over_store, open_prepared, open_store, present_classes,
-                                    quiet_dask_logs,
-                                    read_cams, resize_maps, to_class_labels, with_background)
+from pipeline.refine.common import (grid_to_image, open_prepared, open_store, present_classes, read_cams,
+                                    resize_maps, to_class_labels, with_background, write_scored_label_store)
 from pipeline.store import IGNORE_INDEX
 
 Offsets = Sequence[tuple[int, int]]
@@ -208,10 +206,6 @@ def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Pat
     Per-image work (AffinityNet forward + walk) runs through the dask helper; each worker process
     loads the model once. Returns the metrics dict (ConfusionMatrix summary + run facts).
     """
-    from pipeline.compute import dask_client
-    from pipeline.metrics import ConfusionMatrix
-    from pipeline.store import ArraySpec, StoreWriter
-
     prepared = open_prepared(prepared_dir, data)
     cams = open_store(cams_path)
     ids = list(cams.ids)
@@ -233,22 +227,8 @@ def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Pat
              "params": {"rw": rw, "crf": crf if rw["final_crf"] else None}, **model_meta,
              "method": "random_walk" if rw["enabled"] else "cam",
              "cams_fingerprint": cams.attrs.get("fingerprint")}
-    writer = StoreWriter(out_path, ids, prepared.sizes(ids), {"mask": ArraySpec("uint8", stride=1, fill=IGNORE_INDEX)},
-                         attrs, shard_images=compute["shard_images"])
-    cm = ConfusionMatrix(prepared.num_classes)
-
-    def score(i, mask):
-        gt = prepared.gt(ids[i])
-        if gt is not None:
-            cm.update(mask, gt)
-
-    t0 = time.perf_counter()
-    quiet_dask_logs()
-    with dask_client(compute["scheduler"], compute["workers"]) as run:
-        run_info = map_over_store(run, make_pseudo_mask, tasks, writer, "mask", on_result=score, desc="random walk")
-    writer.commit()
-    metrics = cm.summary(prepared.class_names)
+    metrics = write_scored_label_store(prepared, ids, out_path, "mask", attrs, make_pseudo_mask, tasks, compute,
+                                       "random walk")
     metrics.update({"enabled": bool(rw["enabled"]), "beta": rw["beta"], "logt": rw["logt"], "alpha": rw["alpha"],
-                    **model_meta, "images": len(ids), "split": split,
-                    "seconds": round(time.perf_counter() - t0, 2), **run_info})
+                    **model_meta, "images": len(ids), "split": split})
     return metrics

@@ -18,7 +18,6 @@ max CAM < ``crf.bg_threshold``, 255 in between.
 """
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.refine.common import (grid_to_image, map_over_store, open_prepared, open_store, present_classes,
-                                    quiet_dask_logs,
-                                    read_cams, to_class_labels, with_background)
+from pipeline.refine.common import (grid_to_image, open_prepared, open_store, present_classes, read_cams,
+                                    to_class_labels, with_background, write_scored_label_store)
 from pipeline.refine.crf import CrfSettings, crf_argmax, label_crf
 from pipeline.registry import REFINERS
 from pipeline.store import IGNORE_INDEX
@@ -145,10 +143,6 @@ def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path,
     shards are written as they finish (an interrupted run resumes). Returns the metrics dict:
     ConfusionMatrix summary over labelled pixels (``coverage`` = share labelled) plus run facts.
     """
-    from pipeline.compute import dask_client
-    from pipeline.metrics import ConfusionMatrix
-    from pipeline.store import ArraySpec, StoreWriter
-
     prepared = open_prepared(prepared_dir, data)
     cams = open_store(cams_path)
     split = split or cams.attrs.get("split") or data["train_split"]
@@ -159,23 +153,8 @@ def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path,
     attrs = {"kind": "seeds", "class_names": prepared.class_names, "stride": 1, "split": split,
              "params": crf, "method": crf["mode"] if crf["enabled"] else "threshold",
              "cams_fingerprint": cams.attrs.get("fingerprint")}
-    writer = StoreWriter(out_path, ids, prepared.sizes(ids), {"seed": ArraySpec("uint8", stride=1, fill=IGNORE_INDEX)},
-                         attrs, shard_images=compute["shard_images"])
-    cm = ConfusionMatrix(prepared.num_classes)
-
-    def score(i, seed):
-        gt = prepared.gt(ids[i])
-        if gt is not None:
-            cm.update(seed, gt)
-
-    t0 = time.perf_counter()
-    quiet_dask_logs()
-    with dask_client(compute["scheduler"], compute["workers"]) as run:
-        run_info = map_over_store(run, make_seed, tasks, writer, "seed", on_result=score, desc="crf seeds")
-    writer.commit()
-    metrics = cm.summary(prepared.class_names)
+    metrics = write_scored_label_store(prepared, ids, out_path, "seed", attrs, make_seed, tasks, compute, "crf seeds")
     metrics.update({"enabled": bool(crf["enabled"]), "mode": crf["mode"] if crf["enabled"] else "threshold",
-                    "precision": metrics["pixel_accuracy"], "images": len(ids), "split": split,
-                    "seconds": round(time.perf_counter() - t0, 2), **run_info})
+                    "precision": metrics["pixel_accuracy"], "images": len(ids), "split": split})
     return metrics
 
