@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from pipeline.augment import normalise, random_scale_crop_flip
 from pipeline.metrics import ConfusionMatrix
-from pipeline.store import IGNORE_INDEX, ArraySpec, Store, write_store
-from pipeline.training import autocast, images_to, param_groups, to_device, train_loop
+from pipeline.store import IGNORE_INDEX, ArraySpec, Store, fingerprint, write_store
+from pipeline.training import ResumePoint, autocast, images_to, param_groups, to_device, train_loop
 
 log = logging.getLogger("wsss")
 
@@ -87,12 +87,19 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def train_segmenter(model: torch.nn.Module, train_set: SegTrainSet, seg: dict, device: torch.device,
-                    seed: int = 0) -> list[dict]:
-    """Train ``model`` in place on ``train_set`` with the ``seg`` params; returns per-epoch history."""
+                    seed: int = 0, resume_path: str | Path | None = None, labels_digest: str = "") -> list[dict]:
+    """Train ``model`` in place on ``train_set`` with the ``seg`` params; returns per-epoch history.
+
+    ``resume_path``: per-epoch resume checkpoint (:class:`pipeline.training.ResumePoint`), keyed by
+    the seg params, seed, ids and ``labels_digest`` (what identifies the training masks)."""
     model = to_device(model, device)
     groups = param_groups(model.backbone, model.head, seg["lr"], seg["weight_decay"], seg["head_lr_mult"])
     optimizer = torch.optim.SGD(groups, lr=seg["lr"], momentum=0.9, weight_decay=seg["weight_decay"])
     gen = torch.Generator().manual_seed(seed)
+    resume = None
+    if resume_path:
+        resume = ResumePoint(resume_path, fingerprint(dict(seg), seed, train_set.ids, labels_digest), "train_seg",
+                             generator=gen)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=seg["batch_size"], shuffle=True, generator=gen, num_workers=seg["num_workers"],
         drop_last=len(train_set) > seg["batch_size"], pin_memory=device.type == "cuda",
@@ -104,7 +111,7 @@ def train_segmenter(model: torch.nn.Module, train_set: SegTrainSet, seg: dict, d
         return segmentation_loss(model(x), y)
 
     return train_loop(model, loader, step, optimizer, seg["epochs"], device, "train_seg",
-                      on_epoch_end=lambda epoch, loss: train_set.set_epoch(epoch + 1))
+                      on_epoch_start=train_set.set_epoch, resume=resume)
 
 
 @torch.no_grad()

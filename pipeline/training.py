@@ -1,4 +1,12 @@
-"""Shared training loop pieces: poly schedule, 10x head lr, AMP/channels_last on CUDA, logging."""
+"""Shared training loop pieces: poly schedule, 10x head lr, AMP/channels_last on CUDA, logging, and a
+per-epoch resume checkpoint so an interrupted training stage continues where it stopped.
+
+All three training stages (train_cam, train_aff, train_seg) run :func:`train_loop`. With a
+:class:`ResumePoint` it writes model, optimizer, RNG states and history after every epoch; a re-run
+with the same fingerprint (the settings that shape the result) restores them and finishes with the
+same weights as an uninterrupted run. The stage deletes the resume file once the final checkpoint
+is saved; a file made with other settings is ignored (and logged).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -50,18 +58,62 @@ def images_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
 
 
-def train_loop(model: torch.nn.Module, loader, step_fn: Callable[[dict], torch.Tensor], optimizer, epochs: int,
-               device: torch.device, desc: str, on_epoch_end: Callable[[int, float], None] | None = None,
-               start_epoch: int = 0) -> list[dict]:
-    """Run ``epochs`` epochs; ``step_fn(batch) -> loss``. Poly lr per step. Returns per-epoch history.
+class ResumePoint:
+    """The per-epoch resume checkpoint of one training run (see the module docstring).
 
-    Logs one line per epoch: loss and images/s. ``start_epoch`` > 0 resumes (the poly schedule
-    continues where it stopped; the caller restores model and optimizer state).
+    ``fingerprint``: a string that changes whenever a setting that shapes the result changes.
+    ``generator``: the DataLoader's shuffling generator, whose state is saved and restored too.
     """
+
+    def __init__(self, path: str | Path, fingerprint: str, desc: str, generator: torch.Generator | None = None):
+        self.path, self.fingerprint, self.desc, self.generator = Path(path), fingerprint, desc, generator
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[dict], int]:
+        """Load a matching checkpoint into ``model`` and ``optimizer``; return (history so far, epochs done)."""
+        if not self.path.is_file():
+            return [], 0
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") != self.fingerprint:
+            log.info("%s: %s was made with other settings; starting over", self.desc, self.path)
+            return [], 0
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.generator is not None and state.get("generator_rng") is not None:
+            self.generator.set_state(state["generator_rng"])
+        log.info("%s: resuming after epoch %d from %s", self.desc, state["epoch"], self.path)
+        return list(state["history"]), int(state["epoch"])
+
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, history: list[dict], epoch: int) -> None:
+        save_checkpoint(self.path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history, "epoch": epoch,
+            "fingerprint": self.fingerprint, "torch_rng": torch.get_rng_state(),
+            "generator_rng": self.generator.get_state() if self.generator is not None else None})
+
+    def clear(self) -> None:
+        """Remove the resume file (and its folder when that is left empty)."""
+        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.parent.rmdir()
+
+
+def train_loop(model: torch.nn.Module, loader, step_fn: Callable[[dict], torch.Tensor], optimizer, epochs: int,
+               device: torch.device, desc: str, on_epoch_start: Callable[[int], None] | None = None,
+               on_epoch_end: Callable[[int, float], None] | None = None,
+               resume: ResumePoint | None = None) -> list[dict]:
+    """Run ``epochs`` epochs; ``step_fn(batch) -> loss``. Poly lr per step. Returns the per-epoch history.
+
+    Logs one line per epoch: loss and images/s. ``on_epoch_start(epoch)`` runs before each epoch
+    (datasets use it to pick the epoch's augmentation seeds). With ``resume``, a matching checkpoint
+    is restored first (the poly schedule continues where it stopped) and one is written after every
+    epoch, before ``on_epoch_end(epoch, loss)``.
+    """
+    history, start_epoch = resume.restore(model, optimizer) if resume else ([], 0)
     total = epochs * max(1, len(loader))
     step = start_epoch * max(1, len(loader))
-    history = []
     for epoch in range(start_epoch, epochs):
+        if on_epoch_start:
+            on_epoch_start(epoch)
         model.train()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         with progress_bar(total=len(loader), desc=f"{desc} {epoch + 1}/{epochs}", unit="batch") as bar:
@@ -84,6 +136,8 @@ def train_loop(model: torch.nn.Module, loader, step_fn: Callable[[dict], torch.T
         rec = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "images_per_s": seen / dt if dt else 0.0}
         history.append(rec)
         log.info("%s epoch %d/%d: loss %.4f, %.1f img/s", desc, epoch + 1, epochs, rec["loss"], rec["images_per_s"])
+        if resume:
+            resume.save(model, optimizer, history, epoch + 1)
         if on_epoch_end:
             on_epoch_end(epoch, rec["loss"])
     return history

@@ -11,6 +11,8 @@ from pipeline.refine.common import open_prepared
 from pipeline.store import Store
 from stages.common import AFF_MODEL, CAM_MODEL, PLOTS, PREPARED, SEEDS, start
 
+RESUME = AFF_MODEL.with_name(AFF_MODEL.name + ".partial") / "resume.pt"  # outside the DVC out, so it survives a re-run
+
 
 def main() -> None:
     params = start("train_aff")
@@ -25,7 +27,7 @@ def main() -> None:
                                               CAM_MODEL / "classifier.pt")
     with stage_timer("train_aff") as t:
         history = train_affinity(model, prepared, seeds, seeds.ids, aff, device, compute["seed"], backbone_name,
-                                 AFF_MODEL / "affinity.pt")
+                                 AFF_MODEL / "affinity.pt", RESUME)
         t["n"] = len(seeds.ids) * aff["epochs"]
         t["extra"] = f"final loss {history[-1]['loss']:.4f}"
     out = PLOTS / "train_aff" / "history.csv"

@@ -8,7 +8,11 @@ from pipeline.datasets import PreparedData
 from pipeline.models.segmenter import build_segmenter
 from pipeline.progress import stage_timer
 from pipeline.segment import SegTrainSet, mask_source, save_segmenter, train_segmenter
+from pipeline.store import Store
+from pipeline.training import ResumePoint
 from stages.common import PLOTS, PREPARED, PSEUDO, SEG_MODEL, start
+
+RESUME = SEG_MODEL.with_name(SEG_MODEL.name + ".partial") / "resume.pt"  # outside the DVC out, so it survives a re-run
 
 
 def main() -> None:
@@ -24,10 +28,12 @@ def main() -> None:
     train_set = SegTrainSet(prepared, ids, masks, seg["crop_size"], seg["scale_min"], seg["scale_max"], compute["seed"])
     model = build_segmenter(prepared.num_classes, seg)
     with stage_timer("train_seg") as t:
-        history = train_segmenter(model, train_set, seg, device, compute["seed"])
+        labels_digest = Store(PSEUDO).attrs.get("fingerprint") if seg["labels"] == "pseudo" else "gt"
+        history = train_segmenter(model, train_set, seg, device, compute["seed"], RESUME, labels_digest)
         t["n"] = len(ids) * seg["epochs"]
         t["extra"] = f"labels {seg['labels']}, {seg['epochs']} epochs on {device}, final loss {history[-1]['loss']:.4f}"
     save_segmenter(SEG_MODEL / "segmenter.pt", model, seg, prepared.class_names, seg["labels"], history)
+    ResumePoint(RESUME, "", "train_seg").clear()
     out = PLOTS / "train_seg" / "history.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:

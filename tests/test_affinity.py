@@ -102,3 +102,46 @@ def test_training_writes_a_checkpoint_that_reloads(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(x, pair_offsets(3)), model(x, pair_offsets(3)), atol=1e-6)
     assert loaded.radius == aff["radius"] and loaded.stride == aff["stride"]
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from pipeline.refine import affinity_training
+    from pipeline.refine.affinity_training import SeedCrops, train_affinity
+
+    torch.set_num_threads(1)
+    params, prepared_dir = tiny_demo(tmp_path, num_train=4, num_val=1)
+    prepared = PreparedData(params["data"], prepared_dir)
+    ids = prepared.ids("train")
+    write_store(tmp_path / "seeds.zarr", ids, prepared.sizes(ids), {"seed": ArraySpec("uint8", fill=255)}, {},
+                lambda idx: {"seed": [prepared.gt(ids[i]) for i in idx]}, shard_images=4)
+    seeds = Store(tmp_path / "seeds.zarr")
+    aff = dict(params["affinity"], epochs=3, batch_size=2, crop_size=32)
+
+    def run(out, resume=None):
+        torch.manual_seed(0)
+        model, name = build_affinity_net("tiny", "none", aff["stride"])
+        history = train_affinity(model, prepared, seeds, ids, aff, torch.device("cpu"), 0, name, out, resume)
+        return model, history
+
+    straight, _ = run(tmp_path / "a.pt")
+
+    class Killed(Exception):
+        pass
+
+    class CrashingCrops(SeedCrops):  # the run dies as epoch 3 starts, after epochs 1-2 were saved
+        def __setattr__(self, key, value):
+            if key == "epoch" and value == 2:
+                raise Killed
+            super().__setattr__(key, value)
+
+    resume = tmp_path / "partial" / "resume.pt"
+    monkeypatch.setattr(affinity_training, "SeedCrops", CrashingCrops)
+    with pytest.raises(Killed):
+        run(tmp_path / "b.pt", resume)
+    assert resume.is_file() and not (tmp_path / "b.pt").exists()
+    monkeypatch.setattr(affinity_training, "SeedCrops", SeedCrops)
+    resumed, history = run(tmp_path / "b.pt", resume)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert not resume.exists() and not resume.parent.exists()  # cleared once the checkpoint is saved
+    for name, v in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], v, msg=name)

@@ -126,3 +126,38 @@ def test_crf_refine_keeps_shape_and_sharpens_to_colour_edges():
     assert q.shape == (2, 20, 20)
     np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-4)
     assert (q.argmax(0)[:, 10:] == 1).all() and (q.argmax(0)[:, :8] == 0).all()
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, caplog):
+    torch.set_num_threads(1)
+    data = ToyData(8, seed=0)
+    seg = _seg(epochs=3, batch_size=4, crop_size=32, aspp_channels=8, aspp_rates=[1, 2], dropout=0.5)
+
+    class Killed(Exception):
+        pass
+
+    class CrashingSet(SegTrainSet):  # the run dies as epoch 3 starts, after epochs 1-2 were saved
+        def set_epoch(self, epoch):
+            if epoch == 2:
+                raise Killed
+            super().set_epoch(epoch)
+
+    def run(dataset_cls, resume=None, labels="toy-masks"):
+        torch.manual_seed(0)
+        ds = dataset_cls(data, data.ids(), data.masks.__getitem__, seg["crop_size"], 0.8, 1.2, seed=1)
+        model = build_segmenter(3, seg)
+        return model, train_segmenter(model, ds, seg, torch.device("cpu"), 1, resume, labels)
+
+    straight, _ = run(SegTrainSet)
+    resume = tmp_path / "resume.pt"
+    with pytest.raises(Killed):
+        run(CrashingSet, resume)
+    assert torch.load(resume, weights_only=True)["epoch"] == 2
+    resumed, history = run(SegTrainSet, resume)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    for name, v in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], v, msg=name)
+    # other training labels: the resume file (now at epoch 3) is ignored and training starts over
+    with caplog.at_level("INFO", logger="wsss"):
+        run(SegTrainSet, resume, labels="other-masks")
+    assert "made with other settings" in caplog.text and "train_seg epoch 1/3" in caplog.text

@@ -1,9 +1,9 @@
 """Training the CAM classifier on image-level labels, and its classification mAP.
 
 Multilabel soft-margin loss; poly lr with the head at ``head_lr_mult``×; random rescale, crop and
-flip; bf16 autocast + channels_last on CUDA. After every epoch a resume checkpoint (model,
-optimizer, history, a fingerprint of the run's settings) is written next to the final one, so an
-interrupted run continues from its last finished epoch and ends with the same weights.
+flip; bf16 autocast + channels_last on CUDA. After every epoch a resume checkpoint is written
+(:class:`pipeline.training.ResumePoint`), so an interrupted run continues from its last finished
+epoch and ends with the same weights.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pipeline.augment import normalise, random_scale_crop_flip
 from pipeline.models.classifier import CamClassifier, build_classifier
 from pipeline.store import fingerprint
-from pipeline.training import images_to, param_groups, save_checkpoint, to_device, train_loop
+from pipeline.training import ResumePoint, images_to, param_groups, to_device, train_loop
 
 log = logging.getLogger("wsss")
 
@@ -32,7 +32,7 @@ class EpochSampler(torch.utils.data.Sampler):
     uninterrupted run exactly, whatever the number of workers."""
 
     def __init__(self, n: int, seed: int, start_epoch: int = 0):
-        self.n, self.seed, self.epoch = n, seed, start_epoch
+        self.n, self.seed, self.epoch = n, seed, start_epoch  # the trainer sets .epoch before each pass
 
     def __len__(self):
         return self.n
@@ -76,21 +76,11 @@ def train_classifier(dataset: ClassificationSet, cam_params: dict, num_classes: 
     model = to_device(model, device)
     opt = torch.optim.SGD(param_groups(model.backbone, model.classifier, p["lr"], p["weight_decay"], p["head_lr_mult"]),
                           lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"])
-    fp = fingerprint({k: p[k] for k in TRAIN_KEYS}, seed, len(dataset), num_classes)
-    history: list[dict] = []
-    start = 0
-    resume_path = Path(resume_path) if resume_path else None
-    if resume_path and resume_path.is_file():
-        state = torch.load(resume_path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == fp:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            history, start = list(state["history"]), int(state["epoch"])
-            log.info("train_cam: resuming after epoch %d/%d from %s", start, p["epochs"], resume_path)
-        else:
-            log.info("train_cam: %s was made with other settings; starting over", resume_path)
-
-    sampler = EpochSampler(len(dataset), seed, start_epoch=start)
+    resume = None
+    if resume_path:
+        resume = ResumePoint(resume_path, fingerprint({k: p[k] for k in TRAIN_KEYS}, seed, len(dataset), num_classes),
+                             "train_cam")
+    sampler = EpochSampler(len(dataset), seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=p["batch_size"], sampler=sampler, drop_last=len(dataset) > p["batch_size"],
                                          num_workers=num_workers, persistent_workers=num_workers > 0,
                                          pin_memory=device.type == "cuda")
@@ -102,19 +92,9 @@ def train_classifier(dataset: ClassificationSet, cam_params: dict, num_classes: 
         y = batch["label"].to(device, non_blocking=True)
         return F.multilabel_soft_margin_loss(model(x).float(), y)
 
-    records: list[dict] = []
-
-    def after_epoch(epoch: int, loss: float):
-        records.append({"epoch": epoch + 1, "loss": loss})
-        if resume_path:
-            save_checkpoint(resume_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                          "history": history + records, "epoch": epoch + 1, "fingerprint": fp})
-        if on_epoch_end:
-            on_epoch_end(epoch, loss)
-
-    run = train_loop(model, loader, step, opt, p["epochs"], device, "train_cam", on_epoch_end=after_epoch,
-                     start_epoch=start)
-    history = history + run
+    history = train_loop(model, loader, step, opt, p["epochs"], device, "train_cam",
+                         on_epoch_start=lambda epoch: setattr(sampler, "epoch", epoch), on_epoch_end=on_epoch_end,
+                         resume=resume)
     model.eval()
     return model, history
 

@@ -43,9 +43,13 @@ class SeedCrops(Dataset):
 
 
 def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, device: torch.device, seed: int,
-                   backbone_name: str, out_path: str | Path) -> list[dict]:
-    """Train ``model`` with the ``affinity`` params; save the checkpoint to ``out_path``; return the per-epoch history."""
-    from pipeline.training import images_to, param_groups, save_checkpoint, to_device, train_loop
+                   backbone_name: str, out_path: str | Path, resume_path: str | Path | None = None) -> list[dict]:
+    """Train ``model`` with the ``affinity`` params; save the checkpoint to ``out_path``; return the per-epoch history.
+
+    ``resume_path``: per-epoch resume checkpoint (see :class:`pipeline.training.ResumePoint`), removed
+    once ``out_path`` is saved."""
+    from pipeline.store import fingerprint
+    from pipeline.training import ResumePoint, images_to, param_groups, save_checkpoint, to_device, train_loop
 
     offsets = pair_offsets(aff["radius"])
     data = SeedCrops(prepared, seeds, ids, aff["crop_size"], model.stride, aff["scale_min"], aff["scale_max"], seed)
@@ -55,7 +59,11 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
     model = to_device(model, device)
     opt = torch.optim.SGD(param_groups(model.backbone, model.head_parameters(), aff["lr"], aff["weight_decay"],
                                        aff["head_lr_mult"]), lr=aff["lr"], momentum=0.9)
-    counts = {"bg_pos": 0, "fg_pos": 0, "neg": 0}
+    resume = None
+    if resume_path:
+        resume = ResumePoint(resume_path, fingerprint(dict(aff), seed, backbone_name, list(ids), seeds.attrs.get("fingerprint")),
+                             "train_aff", generator=gen)
+    counts = {"bg_pos": 0, "fg_pos": 0, "neg": 0}  # pairs seen by this process (not restored on resume)
 
     def step(batch):
         x = images_to(batch["image"], device)
@@ -68,11 +76,14 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
         return loss
 
     def epoch_end(epoch, loss):
-        data.epoch = epoch + 1
         log.info("train_aff epoch %d: pairs so far bg+ %d, fg+ %d, neg %d", epoch + 1, counts["bg_pos"],
                  counts["fg_pos"], counts["neg"])
 
-    history = train_loop(model, loader, step, opt, aff["epochs"], device, "train_aff", on_epoch_end=epoch_end)
+    history = train_loop(model, loader, step, opt, aff["epochs"], device, "train_aff",
+                         on_epoch_start=lambda epoch: setattr(data, "epoch", epoch), on_epoch_end=epoch_end,
+                         resume=resume)
     state = affinity_checkpoint(model.cpu(), backbone_name, aff["radius"], {"params": dict(aff), "pairs": dict(counts)})
     save_checkpoint(out_path, state)
+    if resume:
+        resume.clear()
     return history
