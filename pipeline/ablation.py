@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import subprocess
+import time
 from pathlib import Path
 from typing import Sequence
 
 import yaml
 
 from pipeline.config import ParamsError, SCHEMA
+
+log = logging.getLogger("wsss")
 
 STAGE_COLUMNS = [("cam", "CAM"), ("crf", "CRF seeds"), ("rw", "random walk")]
 
@@ -98,10 +102,15 @@ def ablate(specs: Sequence[str], out_md: str | Path = "reports/ablation.md", out
     """Run every combination of the grid as a DVC experiment; write and return the markdown table."""
     grid = parse_grid(specs)
     rows = []
-    for n, setting in enumerate(combinations(grid)):
-        name = "abl-" + "-".join(f"{k.split('.')[-1]}_{_dvc_value(v)}" for k, v in setting.items())
-        run_experiment(setting, name.replace(".", "_")[:60], repo=repo)
+    settings = combinations(grid)
+    for n, setting in enumerate(settings):
+        name = ("abl-" + "-".join(f"{k.split('.')[-1]}_{_dvc_value(v)}" for k, v in setting.items())).replace(".", "_")[:60]
+        log.info("ablation %d/%d: dvc exp run -n %s ...", n + 1, len(settings), name)
+        t0 = time.perf_counter()
+        run_experiment(setting, name, repo=repo)
         rows.append(read_row(setting, repo))
+        log.info("ablation %d/%d: %s done in %.0f s: %s", n + 1, len(settings), name, time.perf_counter() - t0,
+                 ", ".join(f"{k} {v}" for k, v in rows[-1].items() if k not in setting))
     table = markdown_table(rows)
     cmd = "wsss ablate " + " ".join(f"--grid {s}" for s in specs)
     out_md = Path(repo) / out_md

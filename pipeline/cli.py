@@ -35,7 +35,9 @@ def _export(args):
 
 def _ablate(args):
     from pipeline.ablation import ablate
+    from pipeline.progress import setup_logging
 
+    setup_logging()
     print(ablate(args.grid, out_md=args.out, out_png=Path(args.out).with_suffix(".png")))
 
 
