@@ -79,6 +79,8 @@ class ResumePoint:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         if self.generator is not None and state.get("generator_rng") is not None:
             self.generator.set_state(state["generator_rng"])
         log.info("%s: resuming after epoch %d from %s", self.desc, state["epoch"], self.path)
@@ -88,6 +90,7 @@ class ResumePoint:
         save_checkpoint(self.path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history, "epoch": epoch,
             "fingerprint": self.fingerprint, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "generator_rng": self.generator.get_state() if self.generator is not None else None})
 
     def clear(self) -> None:
