@@ -41,8 +41,28 @@ def _dvc_value(v) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
+def experiment_name(setting: dict) -> str:
+    """``{"cam.method": "gradcam", "rw.enabled": False}`` -> ``abl-method_gradcam-enabled_false``."""
+    name = "abl-" + "-".join(f"{k.split('.')[-1]}_{_dvc_value(v)}" for k, v in setting.items())
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:80]
+
+
+def _git(args: list[str], repo) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+
+
+def experiment_ref(name: str, repo: str | Path = ".") -> str | None:
+    """The git ref DVC keeps experiment ``name`` of the current baseline (HEAD) under, or None."""
+    head = _git(["rev-parse", "HEAD"], repo)
+    if head.returncode != 0:
+        raise RuntimeError(f"{repo}: not a git repository with a commit (dvc exp needs one): {head.stderr.strip()}")
+    sha = head.stdout.strip()
+    ref = f"refs/exps/{sha[:2]}/{sha[2:]}/{name}"
+    return ref if _git(["rev-parse", "--verify", "--quiet", ref], repo).returncode == 0 else None
+
+
 def run_experiment(setting: dict, name: str, queue: bool = False, repo: str | Path = ".") -> str:
-    """``dvc exp run -S k=v ... -n name`` (or ``--queue``); returns dvc's output."""
+    """``dvc exp run -n name -S k=v ...`` (or ``--queue``); returns dvc's output."""
     cmd = ["dvc", "exp", "run", "-n", name]
     for k, v in setting.items():
         cmd += ["-S", f"{k}={_dvc_value(v)}"]
@@ -54,16 +74,32 @@ def run_experiment(setting: dict, name: str, queue: bool = False, repo: str | Pa
     return res.stdout + res.stderr
 
 
-def read_row(setting: dict, repo: str | Path = ".") -> dict:
-    """Per-stage mIoU from the workspace metrics of the experiment that just ran."""
-    repo = Path(repo)
+def _metrics_reader(repo: Path, ref: str | None):
+    def read(path: str) -> dict:
+        if ref is None:
+            f = repo / path
+            return json.loads(f.read_text()) if f.exists() else {}
+        res = _git(["show", f"{ref}:{path}"], repo)
+        if res.returncode != 0:
+            raise RuntimeError(f"experiment {ref.rsplit('/', 1)[-1]!r} has no {path} (is metrics/ ignored by git?): "
+                               f"{res.stderr.strip()}")
+        return json.loads(res.stdout)
+    return read
+
+
+def read_row(setting: dict, repo: str | Path = ".", ref: str | None = None) -> dict:
+    """Per-stage mIoU of one experiment: from the workspace, or from the experiment's git ``ref``.
+
+    A disabled stage passes its input through; its column shows the mIoU of what it passed on,
+    marked ``(off)``."""
+    read = _metrics_reader(Path(repo), ref)
+    labels = read("metrics/labels.json")
     row = dict(setting)
-    labels = json.loads((repo / "metrics/labels.json").read_text()) if (repo / "metrics/labels.json").exists() else {}
     for key, title in STAGE_COLUMNS:
         m = labels.get(key) or {}
-        row[title] = m.get("miou") if m.get("enabled", True) else "off"
-    seg = repo / "metrics/segmenter.json"
-    row["segmenter (val)"] = json.loads(seg.read_text()).get("miou") if seg.exists() else None
+        value = m.get("miou")
+        row[title] = f"{value} (off)" if value is not None and m.get("enabled") is False else value
+    row["segmenter (val)"] = read("metrics/segmenter.json").get("miou")
     return row
 
 
@@ -73,6 +109,15 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append("| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def _number(value) -> tuple[float | None, bool]:
+    """A table cell -> (mIoU or None, stage disabled)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), False
+    if isinstance(value, str) and value.endswith("(off)"):
+        return float(value.split()[0]), True
+    return None, False
 
 
 def plot_rows(rows: list[dict], keys: list[str], path: str | Path) -> Path:
@@ -88,8 +133,13 @@ def plot_rows(rows: list[dict], keys: list[str], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 3.5))
     width = 0.8 / len(metrics)
     for j, m in enumerate(metrics):
-        vals = [r[m] if isinstance(r[m], (int, float)) else 0 for r in rows]
-        ax.bar([i + j * width for i in range(len(rows))], vals, width, label=m)
+        vals = [_number(r[m]) for r in rows]
+        bars = ax.bar([i + j * width for i in range(len(rows))], [v or 0 for v, _ in vals], width, label=m,
+                      color=f"C{j}")
+        for bar, (_, off) in zip(bars, vals):
+            if off:  # a disabled stage: what it passed through, hatched
+                bar.set_hatch("//")
+                bar.set_alpha(0.5)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], labels, rotation=15, fontsize=8)
     ax.set_ylabel("mIoU (%)")
     ax.legend(fontsize=7)
@@ -98,23 +148,50 @@ def plot_rows(rows: list[dict], keys: list[str], path: str | Path) -> Path:
 
 
 def ablate(specs: Sequence[str], out_md: str | Path = "reports/ablation.md", out_png: str | Path = "reports/ablation.png",
-           repo: str | Path = ".") -> str:
-    """Run every combination of the grid as a DVC experiment; write and return the markdown table."""
+           repo: str | Path = ".", mode: str = "run") -> str | None:
+    """One DVC experiment per combination of the grid, named by :func:`experiment_name`.
+
+    mode ``run``: run each (one that already exists on this baseline is reused, not re-run), then
+    write the table; ``queue``: only queue them (``dvc queue start`` runs them; then ``collect``);
+    ``collect``: read the experiments already run and write the table. Returns the markdown table
+    (None when queueing)."""
+    if mode not in ("run", "queue", "collect"):
+        raise ValueError(f"ablate: mode {mode!r} is not run | queue | collect")
     grid = parse_grid(specs)
-    rows = []
     settings = combinations(grid)
+    repo = Path(repo)
+    rows = []
     for n, setting in enumerate(settings):
-        name = ("abl-" + "-".join(f"{k.split('.')[-1]}_{_dvc_value(v)}" for k, v in setting.items())).replace(".", "_")[:60]
-        log.info("ablation %d/%d: dvc exp run -n %s ...", n + 1, len(settings), name)
-        t0 = time.perf_counter()
-        run_experiment(setting, name, repo=repo)
-        rows.append(read_row(setting, repo))
-        log.info("ablation %d/%d: %s done in %.0f s: %s", n + 1, len(settings), name, time.perf_counter() - t0,
-                 ", ".join(f"{k} {v}" for k, v in rows[-1].items() if k not in setting))
+        name = experiment_name(setting)
+        ref = experiment_ref(name, repo)
+        if mode == "queue":
+            if ref is None:
+                run_experiment(setting, name, queue=True, repo=repo)
+            log.info("ablation %d/%d: %s %s", n + 1, len(settings), name, "queued" if ref is None else "exists already")
+            continue
+        if ref is None and mode == "collect":
+            raise RuntimeError(f"experiment {name!r} was not found on this baseline (git HEAD); run it first "
+                               "(wsss ablate without --collect, or dvc queue start)")
+        if ref is None:
+            log.info("ablation %d/%d: dvc exp run -n %s ...", n + 1, len(settings), name)
+            t0 = time.perf_counter()
+            run_experiment(setting, name, repo=repo)
+            ref = None  # what just ran is in the workspace
+            log.info("ablation %d/%d: %s done in %.0f s", n + 1, len(settings), name, time.perf_counter() - t0)
+        elif mode == "run":
+            log.info("ablation %d/%d: %s exists on this baseline; reusing it (dvc exp remove %s to re-run)",
+                     n + 1, len(settings), name, name)
+        rows.append(read_row(setting, repo, ref))
+        log.info("ablation %d/%d: %s", n + 1, len(settings), ", ".join(f"{k} {v}" for k, v in rows[-1].items()))
+    if mode == "queue":
+        log.info("queued; run them with `dvc queue start -j 1`, follow with `dvc queue status`, then "
+                 "`wsss ablate %s --collect`", " ".join(f"--grid {s}" for s in specs))
+        return None
     table = markdown_table(rows)
     cmd = "wsss ablate " + " ".join(f"--grid {s}" for s in specs)
-    out_md = Path(repo) / out_md
+    out_md = repo / out_md
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(f"# Ablation\n\nCommand: `{cmd}`\n\nmIoU in %; CAM/CRF/random walk on the train split, segmenter on val.\n\n{table}\n")
-    plot_rows(rows, list(grid), Path(repo) / out_png)
+    out_md.write_text(f"# Ablation\n\nCommand: `{cmd}`\n\nmIoU in %; CAM/CRF/random walk on the train split, segmenter "
+                      f"on val; `(off)`: the stage was disabled and passed its input through.\n\n{table}\n")
+    plot_rows(rows, list(grid), repo / out_png)
     return table

@@ -38,7 +38,10 @@ def _ablate(args):
     from pipeline.progress import setup_logging
 
     setup_logging()
-    print(ablate(args.grid, out_md=args.out, out_png=Path(args.out).with_suffix(".png")))
+    mode = "queue" if args.queue else "collect" if args.collect else "run"
+    table = ablate(args.grid, out_md=args.out, out_png=Path(args.out).with_suffix(".png"), mode=mode)
+    if table:
+        print(table)
 
 
 def _plugins(args):
@@ -78,7 +81,10 @@ def main(argv=None) -> None:
     p = sub.add_parser("ablate", help="run a grid of DVC experiments and print a per-stage mIoU table")
     p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
                    help="e.g. --grid cam.method=cam,gradcam --grid rw.enabled=true,false")
-    p.add_argument("--out", default="reports/ablation.md")
+    p.add_argument("--out", default="reports/ablation.md", help="markdown table (the plot goes beside it as .png)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--queue", action="store_true", help="only queue the experiments (run them with dvc queue start)")
+    how.add_argument("--collect", action="store_true", help="only read experiments already run and write the table")
     p.set_defaults(fn=_ablate)
 
     p = sub.add_parser("plugins", help="list backbones, CAM methods and refiners (built-in and plugins)")

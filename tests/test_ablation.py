@@ -1,8 +1,10 @@
 import json
+import subprocess
 
 import pytest
 
-from pipeline.ablation import combinations, markdown_table, parse_grid, read_row
+from pipeline.ablation import (_number, ablate, combinations, experiment_name, experiment_ref, markdown_table, parse_grid,
+                               read_row)
 from pipeline.config import ParamsError
 
 
@@ -26,7 +28,49 @@ def test_row_reads_stage_metrics_and_marks_disabled_stages(tmp_path):
         {"cam": {"miou": 28.9}, "crf": {"miou": 39.2}, "rw": {"miou": 30.0, "enabled": False}}))
     (tmp_path / "metrics/segmenter.json").write_text(json.dumps({"miou": 22.4}))
     row = read_row({"rw.enabled": False}, tmp_path)
-    assert row == {"rw.enabled": False, "CAM": 28.9, "CRF seeds": 39.2, "random walk": "off", "segmenter (val)": 22.4}
+    assert row == {"rw.enabled": False, "CAM": 28.9, "CRF seeds": 39.2, "random walk": "30.0 (off)",
+                   "segmenter (val)": 22.4}
     table = markdown_table([row])
     assert table.splitlines()[0] == "| rw.enabled | CAM | CRF seeds | random walk | segmenter (val) |"
-    assert "| False | 28.9 | 39.2 | off | 22.4 |" in table
+    assert "| False | 28.9 | 39.2 | 30.0 (off) | 22.4 |" in table
+    assert _number(row["random walk"]) == (30.0, True) and _number(row["CAM"]) == (28.9, False)
+
+
+def _git(repo, *args):
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+def test_experiments_are_found_by_name_on_the_current_baseline_and_read_from_git(tmp_path):
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "config", "user.email", "t@example.com")
+    _git(tmp_path, "config", "user.name", "t")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/labels.json").write_text(json.dumps({"cam": {"miou": 1.0}}))
+    (tmp_path / "metrics/segmenter.json").write_text(json.dumps({"miou": 2.0}))
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "baseline")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    setting = {"cam.method": "gradcam", "rw.enabled": False}
+    name = experiment_name(setting)
+    assert name == "abl-method_gradcam-enabled_false"
+    assert experiment_ref(name, tmp_path) is None
+
+    # an experiment commit, kept where DVC keeps it: refs/exps/<baseline[:2]>/<baseline[2:]>/<name>
+    (tmp_path / "metrics/labels.json").write_text(json.dumps({"cam": {"miou": 5.0}, "rw": {"miou": 6.0, "enabled": False}}))
+    (tmp_path / "metrics/segmenter.json").write_text(json.dumps({"miou": 7.0}))
+    _git(tmp_path, "commit", "-qam", "experiment")
+    _git(tmp_path, "update-ref", f"refs/exps/{head[:2]}/{head[2:]}/{name}", "HEAD")
+    _git(tmp_path, "reset", "-q", "--hard", head)  # back on the baseline, workspace metrics as before
+
+    ref = experiment_ref(name, tmp_path)
+    assert ref is not None
+    row = read_row(setting, tmp_path, ref)
+    assert row["CAM"] == 5.0 and row["random walk"] == "6.0 (off)" and row["segmenter (val)"] == 7.0
+    assert read_row(setting, tmp_path)["CAM"] == 1.0  # the workspace still has the baseline's metrics
+
+    table = ablate(["cam.method=gradcam", "rw.enabled=false"], repo=tmp_path, mode="collect")
+    assert "| gradcam | False | 5.0 |" in table
+    assert (tmp_path / "reports/ablation.md").read_text().count("| gradcam |") == 1
+    assert (tmp_path / "reports/ablation.png").stat().st_size > 0
+    with pytest.raises(RuntimeError, match="abl-method_cam-enabled_false.*not found"):
+        ablate(["cam.method=cam", "rw.enabled=false"], repo=tmp_path, mode="collect")

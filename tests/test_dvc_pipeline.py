@@ -70,3 +70,20 @@ def test_repro_runs_every_stage_then_crf_ablation_reruns_only_downstream(repo):
 
     out = _run(["dvc", "repro"], repo)
     assert _ran(out) == set()
+
+
+def test_ablate_runs_a_grid_as_named_experiments_and_collects_the_table(repo):
+    # follows the test above: the crf.enabled=false results are in the workspace and DVC's run cache
+    cmd = [sys.executable, "-m", "pipeline.cli", "ablate", "--grid", "crf.enabled=true,false"]
+    out = _run(cmd, repo)
+    table = (repo / "reports/ablation.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| True") or line.startswith("| False")]
+    assert len(rows) == 2, table
+    on, off = rows
+    assert "(off)" in off.split("|")[3] and "(off)" not in on.split("|")[3]  # the CRF seeds column
+    assert on.split("|")[3] != off.split("|")[3]
+    assert "exists on this baseline" not in out
+    # a second call reuses both experiments (nothing re-runs) and writes the same table
+    out = _run(cmd + ["--collect"], repo)
+    assert (repo / "reports/ablation.md").read_text() == table
+    assert "Running stage" not in out
