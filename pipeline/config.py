@@ -158,7 +158,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "workers": _int(0, 0, help="dask workers for per-image CPU work (0 = one per core)"),
         "seed": _int(0, 0),
         "shard_images": _int(32, 1, 4096, help="images per zarr shard (and per write batch)"),
-        "torch_threads": _int(0, 0, help="torch intra-op threads on CPU (0 = torch's default); 1 is fastest on a small shared CPU"),
+        "torch_threads": _int(0, 0, help="torch threads on CPU in every torch stage (0 = one per core left after the data loader workers)"),
     },
 }
 

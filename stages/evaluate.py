@@ -9,9 +9,8 @@ import csv
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from pipeline.compute import resolve_device
+from pipeline.compute import resolve_device, set_torch_threads
 from pipeline.datasets import PreparedData
 from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
@@ -45,8 +44,7 @@ def main() -> None:
     params = start("evaluate")
     seg, data = params["seg"], params["data"]
     device = resolve_device(params["compute"]["device"])
-    if params["compute"].get("torch_threads"):
-        torch.set_num_threads(params["compute"]["torch_threads"])
+    set_torch_threads(params["compute"], device)
     prepared = PreparedData(data, PREPARED)
     names = prepared.class_names
     ids = prepared.ids(data["eval_split"])

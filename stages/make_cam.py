@@ -1,8 +1,8 @@
 """Stage make_cam: classifier + train images -> data/cams.zarr, metrics/cam.json, plots/cam/{threshold_curve.csv, gallery.png}."""
 import csv
 
-from pipeline.cam.run import set_cpu_threads, evaluate_cam_store, file_digest, gallery_picture, make_cam_store
-from pipeline.compute import resolve_device
+from pipeline.cam.run import evaluate_cam_store, file_digest, gallery_picture, make_cam_store
+from pipeline.compute import resolve_device, set_torch_threads
 from pipeline.datasets import PreparedData
 from pipeline.metrics import write_json
 from pipeline.models.classifier import load_classifier
@@ -18,7 +18,7 @@ def main() -> None:
     params = start("make_cam")
     device = resolve_device(params["compute"]["device"])
     prepared = PreparedData(params["data"], PREPARED)
-    set_cpu_threads(device, params["cam"]["num_workers"])
+    set_torch_threads(params["compute"], device, params["cam"]["num_workers"])
     model, meta = load_classifier(CHECKPOINT, device)
     with stage_timer("make_cam") as t:
         _, logits = make_cam_store(prepared, model, meta, params, device, CAMS, file_digest(CHECKPOINT))

@@ -1,9 +1,7 @@
 """Stage train_aff: data/seeds.zarr (+ the CAM classifier) -> models/affinity/affinity.pt, plots/train_aff/history.csv."""
 import csv
 
-import torch
-
-from pipeline.compute import resolve_device, seed_everything
+from pipeline.compute import resolve_device, seed_everything, set_torch_threads
 from pipeline.models.affinity import build_affinity_net
 from pipeline.progress import stage_timer
 from pipeline.refine.affinity_training import train_affinity
@@ -18,9 +16,8 @@ def main() -> None:
     params = start("train_aff")
     aff, compute = params["affinity"], params["compute"]
     seed_everything(compute["seed"])
-    if compute["torch_threads"]:
-        torch.set_num_threads(compute["torch_threads"])
     device = resolve_device(compute["device"])
+    set_torch_threads(compute, device, aff["num_workers"])
     prepared = open_prepared(PREPARED, params["data"])
     seeds = Store(SEEDS)
     model, backbone_name = build_affinity_net(params["cam"]["backbone"], aff["init"], aff["stride"],

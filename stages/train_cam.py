@@ -1,8 +1,8 @@
 """Stage train_cam: data/prepared -> models/cam/classifier.pt, metrics/train_cam.json, plots/train_cam/history.csv."""
 import csv
 
-from pipeline.cam.run import set_cpu_threads, train_and_save
-from pipeline.compute import resolve_device, seed_everything
+from pipeline.cam.run import train_and_save
+from pipeline.compute import resolve_device, seed_everything, set_torch_threads
 from pipeline.datasets import PreparedData
 from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
@@ -17,7 +17,7 @@ def main() -> None:
     seed_everything(params["compute"]["seed"])
     device = resolve_device(params["compute"]["device"])
     prepared = PreparedData(params["data"], PREPARED)
-    set_cpu_threads(device, params["cam"]["num_workers"])
+    set_torch_threads(params["compute"], device, params["cam"]["num_workers"])
     with stage_timer("train_cam") as t:
         result = train_and_save(prepared, params, device, CHECKPOINT, RESUME)
         m = result["metrics"]

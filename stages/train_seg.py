@@ -1,9 +1,7 @@
 """Stage train_seg: pseudo masks (or GT, seg.labels=gt) -> models/seg/segmenter.pt + plots/train_seg/history.csv."""
 import csv
 
-import torch
-
-from pipeline.compute import resolve_device, seed_everything
+from pipeline.compute import resolve_device, seed_everything, set_torch_threads
 from pipeline.datasets import PreparedData
 from pipeline.models.segmenter import build_segmenter
 from pipeline.progress import stage_timer
@@ -19,9 +17,8 @@ def main() -> None:
     params = start("train_seg")
     seg, data, compute = params["seg"], params["data"], params["compute"]
     seed_everything(compute["seed"])
-    if compute.get("torch_threads"):
-        torch.set_num_threads(compute["torch_threads"])
     device = resolve_device(compute["device"])
+    set_torch_threads(compute, device, seg["num_workers"])
     prepared = PreparedData(data, PREPARED)
     ids = prepared.ids(data["train_split"])
     masks = mask_source(seg["labels"], prepared, PSEUDO, ids)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.compute import dask_client, resolve_device
+from pipeline.compute import dask_client, default_workers, resolve_device, set_torch_threads
 
 
 def _square_sum(x):
@@ -28,3 +28,17 @@ def test_cuda_without_gpu_is_a_clear_error():
     with pytest.raises(RuntimeError, match="compute.device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_torch_threads_param_wins_and_zero_leaves_cores_for_loader_workers():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert set_torch_threads({"torch_threads": 1}, torch.device("cpu"), loader_workers=3) == 1
+        assert torch.get_num_threads() == 1
+        expected = max(1, default_workers() - 1)
+        assert set_torch_threads({"torch_threads": 0}, torch.device("cpu"), loader_workers=1) == expected
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)

@@ -30,18 +30,6 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def set_cpu_threads(device: torch.device, num_workers: int) -> int:
-    """On CPU, leave one core per DataLoader worker: oversubscribed OpenMP threads spin and can run
-    10× slower on a busy machine. Returns the thread count used."""
-    if device.type != "cpu":
-        return torch.get_num_threads()
-    from pipeline.compute import default_workers
-
-    n = max(1, default_workers() - num_workers)
-    torch.set_num_threads(n)
-    return n
-
-
 # ---------------------------------------------------------------- train_cam
 
 def train_and_save(prepared, params: dict, device: torch.device, checkpoint: Path, resume: Path) -> dict:
