@@ -175,8 +175,7 @@ def ablate(specs: Sequence[str], out_md: str | Path = "reports/ablation.md", out
         if ref is None:
             log.info("ablation %d/%d: dvc exp run -n %s ...", n + 1, len(settings), name)
             t0 = time.perf_counter()
-            run_experiment(setting, name, repo=repo)
-            ref = None  # what just ran is in the workspace
+            run_experiment(setting, name, repo=repo)  # its results are in the workspace: read them there (ref None)
             log.info("ablation %d/%d: %s done in %.0f s", n + 1, len(settings), name, time.perf_counter() - t0)
         elif mode == "run":
             log.info("ablation %d/%d: %s exists on this baseline; reusing it (dvc exp remove %s to re-run)",

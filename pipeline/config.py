@@ -242,17 +242,12 @@ def validate(raw: dict, source: str = "params") -> dict[str, dict[str, Any]]:
     d = out["data"]
     if d["demo_min_side"] > d["demo_max_side"]:
         raise ParamsError("param data.demo_min_side: must not exceed data.demo_max_side")
-    c = out["cam"]
-    if c["scale_min"] > c["scale_max"]:
-        raise ParamsError("param cam.scale_min: must not exceed cam.scale_max")
-    if c["eval_thr_min"] > c["eval_thr_max"]:
+    for ns in ("cam", "affinity", "seg"):
+        if out[ns]["scale_min"] > out[ns]["scale_max"]:
+            raise ParamsError(f"param {ns}.scale_min: must not exceed {ns}.scale_max")
+    if out["cam"]["eval_thr_min"] > out["cam"]["eval_thr_max"]:
         raise ParamsError("param cam.eval_thr_min: must not exceed cam.eval_thr_max")
-    a = out["affinity"]
-    if a["scale_min"] > a["scale_max"]:
-        raise ParamsError("param affinity.scale_min: must not exceed affinity.scale_max")
     s = out["seg"]
-    if s["scale_min"] > s["scale_max"]:
-        raise ParamsError("param seg.scale_min: must not exceed seg.scale_max")
     if any(r < 1 for r in s["aspp_rates"]) or any(v <= 0 for v in s["eval_scales"]):
         raise ParamsError("param seg.aspp_rates / seg.eval_scales: values must be positive")
     for fmt in out["export"]["formats"]:

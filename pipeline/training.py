@@ -94,10 +94,15 @@ class ResumePoint:
             "generator_rng": self.generator.get_state() if self.generator is not None else None})
 
     def clear(self) -> None:
-        """Remove the resume file (and its folder when that is left empty)."""
-        self.path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.path.parent.rmdir()
+        clear_resume(self.path)
+
+
+def clear_resume(path: str | Path) -> None:
+    """Remove a resume file (and its folder when that is left empty): the final checkpoint is saved."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
 
 
 def train_loop(model: torch.nn.Module, loader, step_fn: Callable[[dict], torch.Tensor], optimizer, epochs: int,

@@ -22,6 +22,12 @@ REPORTS = Path("reports")
 EXPORTS = Path("exports/pseudo_masks")
 
 
+def resume_file(model_dir: Path) -> Path:
+    """Where a training stage keeps its per-epoch resume checkpoint: ``models/<name>.partial/resume.pt``,
+    beside the DVC output (DVC deletes outputs before a stage runs; this survives for the resume)."""
+    return model_dir.with_name(model_dir.name + ".partial") / "resume.pt"
+
+
 def start(stage: str, params_file: str = "params.yaml") -> dict:
     """Set up logging and return the validated params."""
     setup_logging()

@@ -7,9 +7,9 @@ from pipeline.progress import stage_timer
 from pipeline.refine.affinity_training import train_affinity
 from pipeline.refine.common import open_prepared
 from pipeline.store import Store
-from stages.common import AFF_MODEL, CAM_MODEL, PLOTS, PREPARED, SEEDS, start
+from stages.common import AFF_MODEL, CAM_MODEL, PLOTS, PREPARED, SEEDS, resume_file, start
 
-RESUME = AFF_MODEL.with_name(AFF_MODEL.name + ".partial") / "resume.pt"  # outside the DVC out, so it survives a re-run
+RESUME = resume_file(AFF_MODEL)
 
 
 def main() -> None:

@@ -6,10 +6,10 @@ from pipeline.compute import resolve_device, seed_everything, set_torch_threads
 from pipeline.datasets import PreparedData
 from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
-from stages.common import CAM_MODEL, PLOTS, PREPARED, start
+from stages.common import CAM_MODEL, PLOTS, PREPARED, resume_file, start
 
 CHECKPOINT = CAM_MODEL / "classifier.pt"
-RESUME = CAM_MODEL.with_name(CAM_MODEL.name + ".partial") / "resume.pt"  # outside the DVC out, so it survives a re-run
+RESUME = resume_file(CAM_MODEL)
 
 
 def main() -> None:

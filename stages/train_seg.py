@@ -7,10 +7,10 @@ from pipeline.models.segmenter import build_segmenter
 from pipeline.progress import stage_timer
 from pipeline.segment import SegTrainSet, mask_source, save_segmenter, train_segmenter
 from pipeline.store import Store
-from pipeline.training import ResumePoint
-from stages.common import PLOTS, PREPARED, PSEUDO, SEG_MODEL, start
+from pipeline.training import clear_resume
+from stages.common import PLOTS, PREPARED, PSEUDO, SEG_MODEL, resume_file, start
 
-RESUME = SEG_MODEL.with_name(SEG_MODEL.name + ".partial") / "resume.pt"  # outside the DVC out, so it survives a re-run
+RESUME = resume_file(SEG_MODEL)
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
         t["n"] = len(ids) * seg["epochs"]
         t["extra"] = f"labels {seg['labels']}, {seg['epochs']} epochs on {device}, final loss {history[-1]['loss']:.4f}"
     save_segmenter(SEG_MODEL / "segmenter.pt", model, seg, prepared.class_names, seg["labels"], history)
-    ResumePoint(RESUME, "", "train_seg").clear()
+    clear_resume(RESUME)
     out = PLOTS / "train_seg" / "history.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:

@@ -17,7 +17,7 @@ from pipeline.cam.train import ClassificationSet, mean_average_precision, predic
 from pipeline.models.classifier import CamClassifier, save_classifier
 from pipeline.progress import progress_bar
 from pipeline.store import ArraySpec, Store, write_store
-from pipeline.training import ResumePoint
+from pipeline.training import clear_resume
 
 log = logging.getLogger("wsss")
 
@@ -45,7 +45,7 @@ def train_and_save(prepared, params: dict, device: torch.device, checkpoint: Pat
     model, history = train_classifier(ds, cam, prepared.num_classes - 1, device, seed,
                                       num_workers=cam["num_workers"], resume_path=resume)
     save_classifier(checkpoint, model, cam["backbone"], prepared.class_names, cam)
-    ResumePoint(resume, "", "train_cam").clear()
+    clear_resume(resume)
     metrics = {"train_images": len(ids), "epochs": cam["epochs"], "final_loss": round(history[-1]["loss"], 5),
                "images_per_s": round(float(np.mean([h.get("images_per_s", 0.0) for h in history])), 1)}
     val_ids = prepared.ids(data["eval_split"]) if data["eval_split"] in prepared.index["splits"] else []

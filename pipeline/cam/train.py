@@ -7,7 +7,6 @@ epoch and ends with the same weights.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,8 +18,6 @@ from pipeline.augment import normalise, random_scale_crop_flip
 from pipeline.models.classifier import CamClassifier, build_classifier
 from pipeline.store import fingerprint
 from pipeline.training import ResumePoint, images_to, param_groups, to_device, train_loop
-
-log = logging.getLogger("wsss")
 
 TRAIN_KEYS = ("backbone", "weights", "epochs", "batch_size", "lr", "weight_decay", "head_lr_mult", "crop_size",
               "scale_min", "scale_max")

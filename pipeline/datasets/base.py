@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets.imageio import DatasetError, image_size, read_label_png, read_rgb, voc_palette
+from pipeline.datasets.imageio import DatasetError, read_label_png, read_rgb, voc_palette
 from pipeline.store import IGNORE_INDEX
 
 
