@@ -10,9 +10,10 @@ STAGES = ["prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk",
 
 
 def _params(args):
-    from pipeline.config import defaults, preset, render_params
+    from pipeline.config import defaults, preset, render_params, with_overrides
 
-    sys.stdout.write(render_params(preset(args.preset) if args.preset else defaults()))
+    params = preset(args.preset) if args.preset else defaults()
+    sys.stdout.write(render_params(with_overrides(params, args.set or [])))
 
 
 def _stage(args):
@@ -56,11 +57,16 @@ def _plugins(args):
 
 
 def main(argv=None) -> None:
+    from pipeline.config import PRESETS
+
     ap = argparse.ArgumentParser(prog="wsss", description="Weakly-supervised segmentation pseudo-label pipeline")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("params", help="print params.yaml with defaults (or a preset)")
-    p.add_argument("--preset", choices=["tiny"], default=None)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="tiny: seconds-long smoke run; photos: real photos on a CPU (set data.root)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one param (YAML value), e.g. --set data.root=/datasets/VOC2012; repeatable")
     p.set_defaults(fn=_params)
 
     p = sub.add_parser("stage", help="run one stage outside DVC (dvc repro is the normal way)")

@@ -80,6 +80,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "crop_size": _int(96, 16),
         "scale_min": _num(0.9, 0.1, 4.0),
         "scale_max": _num(1.5, 0.1, 4.0),
+        "frozen_levels": _int(0, 0, 4, help="backbone levels kept at their loaded weights (1: stem + stride 4, 2: up to stride 8)"),
+        "freeze_bn": P(bool, False, help="keep every BatchNorm's running statistics while training (IRNet, PSA)"),
         "scales": P(list, [1.0, 0.5, 1.5, 2.0], item=float),
         "flip": P(bool, True),
         "stride": _int(4, 1, 32, help="stride of the stored CAM grid relative to the image"),
@@ -94,6 +96,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "crf": {
         "enabled": P(bool, True),
         "mode": P(str, "affinitynet", choices=("affinitynet", "irnet"), free_text=True),
+        "merge": P(str, "published", choices=("published", "agree"),
+                   help="how the fg- and bg-confident labellings combine: as each paper's code (published) or where they agree"),
         "iterations": _int(10, 1),
         "gaussian_sxy": _num(3.0, 0.0),
         "gaussian_compat": _num(3.0, 0.0),
@@ -102,8 +106,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "bilateral_compat": _num(10.0, 0.0),
         "alpha_fg": _num(4.0, 0.0),
         "alpha_bg": _num(32.0, 0.0),
+        "thresholds": P(str, "fixed", choices=("fixed", "cam_sweep"),
+                        help="fixed: fg/bg_threshold as given; cam_sweep: fg/bg_ratio x the CAM sweep's best threshold"),
         "fg_threshold": _num(0.30, 0.0, 1.0),
         "bg_threshold": _num(0.05, 0.0, 1.0),
+        "fg_ratio": _num(2.0, 0.0, 10.0, help="cam_sweep: foreground seeds where CAM >= fg_ratio x best CAM threshold"),
+        "bg_ratio": _num(0.33, 0.0, 10.0, help="cam_sweep: background seeds where max CAM < bg_ratio x best CAM threshold"),
         "gt_prob": _num(0.7, 0.0, 1.0),
         "scale": _num(1.0, 0.1, 1.0, help="run the CRF on the image resized by this factor (kernel widths scaled), then upsample"),
     },
@@ -143,6 +151,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "scale_max": _num(1.3, 0.1, 4.0),
         "aspp_rates": P(list, [1, 2, 4], item=int, help="dilation rates of the ASPP branches (on the backbone's deepest map)"),
         "aspp_channels": _int(128, 8, help="hidden channels of each ASPP branch"),
+        "frozen_levels": _int(0, 0, 4, help="backbone levels kept at their loaded weights (1: stem + stride 4, 2: up to stride 8)"),
+        "freeze_bn": P(bool, False, help="keep the backbone's BatchNorm statistics while training (DeepLab fine-tuning)"),
         "dropout": _num(0.1, 0.0, 0.9),
         "num_workers": _int(0, 0, help="data loader worker processes"),
         "eval_scales": P(list, [1.0], item=float),
@@ -187,6 +197,22 @@ def preset(name: str) -> dict[str, dict[str, Any]]:
     if name not in PRESETS:
         raise ParamsError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     return merge(defaults(), PRESETS[name])
+
+
+def with_overrides(params: dict, assignments: list[str]) -> dict:
+    """``params`` with ``ns.key=value`` assignments applied (values parsed as YAML), validated."""
+    out = copy.deepcopy(params)
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        ns, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ParamsError(f"--set {item!r}: expected NAMESPACE.KEY=VALUE, e.g. data.root=/datasets/VOC2012")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ParamsError(f"--set {item!r}: value is not valid YAML: {e}") from e
+        out.setdefault(ns, {})[name] = value
+    return validate(out, source="--set")
 
 
 def merge(base: dict, override: dict) -> dict:

@@ -24,6 +24,8 @@ class ConfusionMatrix:
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
         self.unlabelled = 0
         self.valid = 0
+        self.valid_per_class = np.zeros(num_classes, dtype=np.int64)  # GT pixels of each class
+        self.unlabelled_per_class = np.zeros(num_classes, dtype=np.int64)  # ... that the prediction left at 255
 
     def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
         if pred.shape != gt.shape:
@@ -34,9 +36,13 @@ class ConfusionMatrix:
         self.valid += int(keep.sum())
         unl = keep & (pred == self.ignore_index)
         self.unlabelled += int(unl.sum())
+        if keep.any() and gt[keep].max() >= self.num_classes:
+            raise ValueError(f"label value out of range 0..{self.num_classes - 1} (and {self.ignore_index} = ignore)")
+        self.valid_per_class += np.bincount(gt[keep], minlength=self.num_classes)
+        self.unlabelled_per_class += np.bincount(gt[unl], minlength=self.num_classes)
         keep &= ~unl
         gt, pred = gt[keep], pred[keep]
-        if gt.size and (gt.max() >= self.num_classes or pred.max() >= self.num_classes):
+        if gt.size and pred.max() >= self.num_classes:
             raise ValueError(f"label value out of range 0..{self.num_classes - 1} (and {self.ignore_index} = ignore)")
         self.matrix += np.bincount(gt * self.num_classes + pred, minlength=self.num_classes ** 2).reshape(
             self.num_classes, self.num_classes)
@@ -45,6 +51,8 @@ class ConfusionMatrix:
         self.matrix += other.matrix
         self.unlabelled += other.unlabelled
         self.valid += other.valid
+        self.valid_per_class += other.valid_per_class
+        self.unlabelled_per_class += other.unlabelled_per_class
         return self
 
     def per_class_iou(self) -> np.ndarray:
@@ -63,6 +71,11 @@ class ConfusionMatrix:
         tp = np.diag(self.matrix).astype(float)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.matrix.sum(1) > 0, tp / self.matrix.sum(1), np.nan)
+
+    def coverage(self) -> np.ndarray:
+        """Per GT class: the share of its pixels that the prediction labels (not 255)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.valid_per_class > 0, 1 - self.unlabelled_per_class / self.valid_per_class, np.nan)
 
     def miou(self) -> float:
         """Mean IoU over classes that occur in GT or prediction (NaN classes are left out)."""
@@ -85,6 +98,7 @@ class ConfusionMatrix:
             "per_class_iou": per_class(self.per_class_iou()),
             "per_class_precision": per_class(self.precision()),
             "per_class_recall": per_class(self.recall()),
+            "per_class_coverage": per_class(self.coverage()),
         }
 
 

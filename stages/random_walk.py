@@ -3,9 +3,11 @@ from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
 from pipeline.refine.common import open_prepared, open_store
 from pipeline.refine.gallery import refine_gallery
-from pipeline.refine.random_walk import make_pseudo_store
+from pipeline.refine.random_walk import affinity_separation, make_pseudo_store
 from pipeline.visual import save_png
 from stages.common import AFF_MODEL, CAMS, PLOTS, PREPARED, PSEUDO, SEEDS, start
+
+SEPARATION_IMAGES = 64  # images the affinity diagnostic looks at (GT pairs: same class vs different)
 
 
 def main() -> None:
@@ -21,8 +23,11 @@ def main() -> None:
                                     params["crf"], params["compute"], device=device)
         t["n"] = metrics["images"]
         t["extra"] = f"{'random walk' if rw['enabled'] else 'disabled: CAM labels'}, mIoU {metrics['miou']}%"
-    write_json("metrics/rw.json", metrics)
     prepared, cams, pseudo = open_prepared(PREPARED, params["data"]), open_store(CAMS), open_store(PSEUDO)
+    if rw["enabled"]:
+        metrics["affinity_separation"] = affinity_separation(AFF_MODEL / "affinity.pt", prepared,
+                                                             pseudo.ids[:SEPARATION_IMAGES])
+    write_json("metrics/rw.json", metrics)
     ids = pseudo.ids[: params["data"]["gallery_ids"]]
     columns = {"CRF seeds": open_store(SEEDS)} if SEEDS.exists() else {}
     columns["random walk" if rw["enabled"] else "pseudo (no walk)"] = pseudo

@@ -20,7 +20,7 @@ from pipeline.store import fingerprint
 from pipeline.training import ResumePoint, images_to, param_groups, to_device, train_loop
 
 TRAIN_KEYS = ("backbone", "weights", "epochs", "batch_size", "lr", "weight_decay", "head_lr_mult", "crop_size",
-              "scale_min", "scale_max")
+              "scale_min", "scale_max", "frozen_levels", "freeze_bn")
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -69,7 +69,7 @@ def train_classifier(dataset: ClassificationSet, cam_params: dict, num_classes: 
     final checkpoint is saved). ``on_epoch_end(epoch, loss)`` runs after it is written."""
     p = cam_params
     torch.manual_seed(seed)
-    model = build_classifier(p["backbone"], p["weights"], num_classes)
+    model = build_classifier(p["backbone"], p["weights"], num_classes, p["frozen_levels"], p["freeze_bn"])
     model = to_device(model, device)
     opt = torch.optim.SGD(param_groups(model.backbone, model.classifier, p["lr"], p["weight_decay"], p["head_lr_mult"]),
                           lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"])

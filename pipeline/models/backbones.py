@@ -32,9 +32,31 @@ class Backbone(nn.Module):
     def out_channels(self) -> int:
         return self.channels[-1]
 
+    def level_modules(self) -> list[list[nn.Module]]:  # pragma: no cover - interface
+        """The modules that compute each returned level (the stem counts to level 0), shallow to deep."""
+        raise NotImplementedError
+
+    def freeze_levels(self, n: int) -> None:
+        """Keep the first ``n`` levels at their loaded weights (no gradients); their BatchNorms stay in
+        eval mode through :func:`keep_frozen_bn`."""
+        levels = self.level_modules()
+        if not 0 <= n <= len(levels):
+            raise ValueError(f"frozen_levels: must be between 0 and {len(levels)} for this backbone, got {n}")
+        for modules in levels[:n]:
+            for m in modules:
+                m.requires_grad_(False)
+
     @property
     def out_stride(self) -> int:
         return self.strides[-1]
+
+
+def keep_frozen_bn(module: nn.Module, all_bn: bool = False) -> None:
+    """Put BatchNorms in eval mode (running statistics kept): all of them with ``all_bn``, else those
+    whose parameters are frozen. Call after ``module.train()``."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (all_bn or not any(p.requires_grad for p in m.parameters())):
+            m.eval()
 
 
 def _conv_bn(cin, cout, stride=1, dilation=1):
@@ -76,6 +98,9 @@ class TinyBackbone(Backbone):
         f3 = self.layer3(f2)
         return [f1, f2, f3]
 
+    def level_modules(self):
+        return [[self.stem, self.layer1], [self.layer2], [self.layer3]]
+
 
 class _TorchvisionResNet(Backbone):
     arch = ""
@@ -105,6 +130,9 @@ class _TorchvisionResNet(Backbone):
         f3 = self.layer3(f2)
         f4 = self.layer4(f3)
         return [f1, f2, f3, f4]
+
+    def level_modules(self):
+        return [[self.stem, self.layer1], [self.layer2], [self.layer3], [self.layer4]]
 
 
 @BACKBONES.register("resnet50")
@@ -264,6 +292,13 @@ class EfficientNetLite0(Backbone):
                 feats.append(x)
         feats.append(nn.functional.relu6(self._bn1(self._conv_head(x))))
         return feats
+
+    def level_modules(self):
+        bounds = [0, *[t + 1 for t in self._taps], len(self._blocks)]
+        levels = [list(self._blocks[a:b]) for a, b in zip(bounds, bounds[1:])]
+        levels[0] = [self._conv_stem, self._bn0, *levels[0]]
+        levels[-1] += [self._conv_head, self._bn1]
+        return levels
 
 
 def lite0_weights_path() -> Path:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.models.backbones import Backbone, build_backbone
+from pipeline.models.backbones import Backbone, build_backbone, keep_frozen_bn
 from pipeline.training import load_checkpoint, save_checkpoint, to_device
 
 CHECKPOINT_KEYS = ("state_dict", "backbone", "num_classes", "class_names", "params")
@@ -22,11 +22,21 @@ CHECKPOINT_KEYS = ("state_dict", "backbone", "num_classes", "class_names", "para
 class CamClassifier(nn.Module):
     """Multi-label classifier over ``num_classes`` foreground classes (no background output)."""
 
-    def __init__(self, backbone: Backbone, num_classes: int):
+    def __init__(self, backbone: Backbone, num_classes: int, frozen_levels: int = 0, freeze_bn: bool = False):
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.classifier = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
+        self.freeze_bn = freeze_bn
+        backbone.freeze_levels(frozen_levels)
+
+    def train(self, mode: bool = True):
+        """Training mode, except frozen BatchNorms (all of them with ``freeze_bn``, as IRNet and PSA
+        train: batches of a few crops give poor batch statistics) keep their running statistics."""
+        super().train(mode)
+        if mode:
+            keep_frozen_bn(self.backbone, all_bn=self.freeze_bn)
+        return self
 
     @property
     def stride(self) -> int:
@@ -51,10 +61,11 @@ class CamClassifier(nn.Module):
         return self.classifier.parameters()
 
 
-def build_classifier(backbone: str, weights: str, num_classes: int) -> CamClassifier:
+def build_classifier(backbone: str, weights: str, num_classes: int, frozen_levels: int = 0,
+                     freeze_bn: bool = False) -> CamClassifier:
     if num_classes < 1:
         raise ValueError(f"the classifier needs at least one foreground class, got {num_classes}")
-    return CamClassifier(build_backbone(backbone, weights), num_classes)
+    return CamClassifier(build_backbone(backbone, weights), num_classes, frozen_levels, freeze_bn)
 
 
 def save_classifier(path: str | Path, model: CamClassifier, backbone: str, class_names: list[str], params: dict) -> Path:

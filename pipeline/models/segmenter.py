@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.models.backbones import build_backbone
+from pipeline.models.backbones import build_backbone, keep_frozen_bn
 
 
 class ASPPBranch(nn.Module):
@@ -54,13 +54,24 @@ class Segmenter(nn.Module):
     """Backbone (deepest feature map) -> ASPP head -> logits at input resolution."""
 
     def __init__(self, num_classes: int, backbone: str = "tiny", weights: str = "none",
-                 rates: Sequence[int] = (1, 2, 4), channels: int = 128, dropout: float = 0.1):
+                 rates: Sequence[int] = (1, 2, 4), channels: int = 128, dropout: float = 0.1,
+                 frozen_levels: int = 0, freeze_bn: bool = False):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"a segmenter needs at least 2 classes (background + one), got {num_classes}")
         self.num_classes = num_classes
         self.backbone = build_backbone(backbone, weights)
+        self.backbone.freeze_levels(frozen_levels)
+        self.freeze_bn = freeze_bn
         self.head = ASPPHead(self.backbone.out_channels, num_classes, rates, channels, dropout)
+
+    def train(self, mode: bool = True):
+        """Training mode; the backbone's frozen BatchNorms (all of them with ``freeze_bn``, as DeepLab
+        fine-tunes) keep their running statistics. The head's BatchNorms always train."""
+        super().train(mode)
+        if mode:
+            keep_frozen_bn(self.backbone, all_bn=self.freeze_bn)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(x)[-1]
@@ -71,4 +82,5 @@ class Segmenter(nn.Module):
 def build_segmenter(num_classes: int, seg: dict) -> Segmenter:
     """A Segmenter from the ``seg`` params namespace."""
     return Segmenter(num_classes, seg["backbone"], seg["weights"], rates=seg["aspp_rates"],
-                     channels=seg["aspp_channels"], dropout=seg["dropout"])
+                     channels=seg["aspp_channels"], dropout=seg["dropout"], frozen_levels=seg.get("frozen_levels", 0),
+                     freeze_bn=seg.get("freeze_bn", False))  # a loaded checkpoint's arch has neither: no training

@@ -6,11 +6,20 @@ Seed makers share one interface (:class:`SeedMaker`) and are registered in
 
 - ``affinitynet`` (Ahn & Kwak 2018): background score (1 - max CAM)^alpha with a low alpha
   (``crf.alpha_fg``, confident foreground) and a high alpha (``crf.alpha_bg``, confident
-  background); each score stack goes through the dense CRF; pixels where the two CRF labellings
-  disagree are 255.
+  background); each score stack goes through the dense CRF.
 - ``irnet`` (Ahn et al. 2019): foreground where CAM >= ``crf.fg_threshold``, background where
-  max CAM < ``crf.bg_threshold``; each hard labelling goes through a label CRF
-  (``crf.gt_prob``); disagreement -> 255.
+  max CAM < ``crf.bg_threshold``; each hard labelling goes through a label CRF (``crf.gt_prob``).
+
+Both make a foreground-confident labelling ``fg`` and a background-confident labelling ``bg``;
+``crf.merge`` combines them (:func:`merge_seeds`): ``published`` as each paper's code does
+(PSA: class where ``fg`` says a class, background where ``bg`` says background, which wins;
+IRNet: class where ``fg`` says a class, background only where both say background), ``agree``:
+the common label where they agree. Everything else is 255.
+
+``crf.thresholds: cam_sweep`` sets both thresholds from the CAM's own best background threshold
+t* (the train sweep of make_cam, ``metrics/cam.json``): fg = ``crf.fg_ratio`` x t*, bg =
+``crf.bg_ratio`` x t*, so seeds follow how broad a classifier's CAMs are instead of one fixed
+number (IRNet's published 0.30 / 0.05 at its t* = 0.15 are the ratios 2 and 1/3).
 
 With ``crf.enabled: false`` no CRF runs and the seeds are the plain thresholds
 (:func:`threshold_seeds`): argmax class where max CAM >= ``crf.fg_threshold``, background where
@@ -32,9 +41,28 @@ from pipeline.registry import REFINERS
 from pipeline.store import IGNORE_INDEX
 
 
+MERGE_RULES = ("published", "agree")
+
+
 def agreeing(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Two label maps -> their common label where they agree, 255 where they differ."""
     return np.where(a == b, a, IGNORE_INDEX).astype(np.uint8)
+
+
+def merge_seeds(fg: np.ndarray, bg: np.ndarray, rule: str, background_wins: bool) -> np.ndarray:
+    """Combine a foreground-confident and a background-confident labelling (channel indices, 0 =
+    background) into seeds with 255 = unsure.
+
+    ``published``: a class where ``fg`` has one, 255 where ``fg`` says background, then background
+    where ``bg`` says background: everywhere with ``background_wins`` (PSA), else only where ``fg``
+    says background too (IRNet's cam_to_ir_label). ``agree``: :func:`agreeing`."""
+    if rule == "agree":
+        return agreeing(fg, bg)
+    if rule != "published":
+        raise ValueError(f"param crf.merge: {rule!r} is not one of {list(MERGE_RULES)}")
+    out = np.where(fg == 0, IGNORE_INDEX, fg)
+    out = np.where((bg == 0) & (background_wins | (fg == 0)), 0, out)
+    return out.astype(np.uint8)
 
 
 def threshold_labels(cams: np.ndarray, threshold: float) -> np.ndarray:
@@ -67,7 +95,7 @@ class AffinityNetSeeds(SeedMaker):
     def __call__(self, image, cams, classes):
         lo = crf_argmax(image, with_background(cams, self.crf["alpha_fg"]), self.settings)
         hi = crf_argmax(image, with_background(cams, self.crf["alpha_bg"]), self.settings)
-        return to_class_labels(agreeing(lo, hi), classes)
+        return to_class_labels(merge_seeds(lo, hi, self.crf["merge"], background_wins=True), classes)
 
 
 @REFINERS.register("irnet")
@@ -77,7 +105,7 @@ class IRNetSeeds(SeedMaker):
         gt_prob = self.crf["gt_prob"]
         fg = label_crf(image, threshold_labels(cams, self.crf["fg_threshold"]), n, gt_prob, self.settings)
         bg = label_crf(image, threshold_labels(cams, self.crf["bg_threshold"]), n, gt_prob, self.settings)
-        return to_class_labels(agreeing(fg, bg), classes)
+        return to_class_labels(merge_seeds(fg, bg, self.crf["merge"], background_wins=False), classes)
 
 
 def threshold_seeds(cams: np.ndarray, classes: Sequence[int], fg_threshold: float, bg_threshold: float) -> np.ndarray:
@@ -85,6 +113,23 @@ def threshold_seeds(cams: np.ndarray, classes: Sequence[int], fg_threshold: floa
     fg = threshold_labels(cams, fg_threshold)
     bg = threshold_labels(cams, bg_threshold)
     return to_class_labels(agreeing(fg, bg), classes)
+
+
+def resolve_thresholds(crf: dict, cam_threshold: float | None) -> dict:
+    """The ``crf`` params with the thresholds this run uses (see the module docstring).
+
+    ``cam_threshold``: the best background threshold of the CAM sweep, or None when it is unknown
+    (no GT to sweep on), which ``crf.thresholds: cam_sweep`` cannot work without."""
+    if crf["thresholds"] == "fixed":
+        return dict(crf)
+    if crf["thresholds"] != "cam_sweep":
+        raise ValueError(f"param crf.thresholds: {crf['thresholds']!r} is not 'fixed' or 'cam_sweep'")
+    if cam_threshold is None:
+        raise ValueError("param crf.thresholds=cam_sweep: the CAM threshold sweep has no best threshold (metrics/cam.json "
+                         "needs train images with GT); set crf.thresholds: fixed")
+    fg = min(1.0, crf["fg_ratio"] * cam_threshold)
+    bg = min(fg, crf["bg_ratio"] * cam_threshold)
+    return {**crf, "fg_threshold": round(fg, 4), "bg_threshold": round(bg, 4)}
 
 
 def seed_maker(crf: dict) -> SeedMaker:
@@ -136,8 +181,10 @@ def make_seed(task: SeedTask) -> np.ndarray:
 
 
 def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path, out_path: str | Path, crf: dict,
-                    compute: dict, split: str | None = None) -> dict:
+                    compute: dict, split: str | None = None, cam_threshold: float | None = None) -> dict:
     """Seeds for every image of the CAM store's split -> ``out_path`` (array "seed").
+
+    ``cam_threshold``: the CAM sweep's best threshold, for ``crf.thresholds: cam_sweep``.
 
     Per-image work runs through ``pipeline.compute.dask_client(compute.scheduler, compute.workers)``;
     shards are written as they finish (an interrupted run resumes). Returns the metrics dict:
@@ -147,6 +194,7 @@ def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path,
     cams = open_store(cams_path)
     split = split or cams.attrs.get("split") or data["train_split"]
     ids = list(cams.ids)
+    crf = resolve_thresholds(crf, cam_threshold)
     if crf["enabled"]:
         seed_maker(crf)  # fail early on a bad crf.mode
     tasks = [SeedTask(i, str(prepared_dir), data, str(cams_path), crf) for i in ids]
@@ -155,6 +203,7 @@ def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path,
              "cams_fingerprint": cams.attrs.get("fingerprint")}
     metrics = write_scored_label_store(prepared, ids, out_path, "seed", attrs, make_seed, tasks, compute, "crf seeds")
     metrics.update({"enabled": bool(crf["enabled"]), "mode": crf["mode"] if crf["enabled"] else "threshold",
+                    "fg_threshold": crf["fg_threshold"], "bg_threshold": crf["bg_threshold"],
                     "precision": metrics["pixel_accuracy"], "images": len(ids), "split": split})
     return metrics
 
