@@ -16,4 +16,11 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-.PHONY: install demo test
+# Real photos: `make photos ROOT=/datasets/VOCdevkit/VOC2012` writes params.yaml from the photos
+# preset (VOC layout; edit data.dataset for coco / folder) and runs the graph.
+photos: install
+	@test -n "$(ROOT)" || { echo "make photos: set ROOT to a VOC-style dataset folder, e.g. make photos ROOT=/datasets/VOC2012"; exit 2; }
+	$(VENV)/bin/wsss params --preset photos --set data.root=$(abspath $(ROOT)) > params.yaml
+	. $(VENV)/bin/activate && dvc repro
+
+.PHONY: install demo test photos

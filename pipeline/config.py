@@ -124,6 +124,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "weight_decay": _num(1e-4, 0.0),
         "crop_size": _int(96, 16),
         "stride": _int(4, 1, 32, help="stride of the affinity grid (and of the random walk)"),
+        "embed_dim": _int(128, 8, 1024, help="embedding channels of the deepest level (each shallower level has half)"),
+        "frozen_levels": _int(0, 0, 4, help="backbone levels left untrained (1: stem + stride 4, 2: up to stride 8)"),
         "scale_min": _num(0.7, 0.1, 4.0),
         "scale_max": _num(1.3, 0.1, 4.0),
         "head_lr_mult": _num(10.0, 0.0),
@@ -133,6 +135,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "enabled": P(bool, True),
         "beta": _num(8.0, 0.0),
         "logt": _int(8, 0, 16),
+        "background": P(str, "fixed", choices=("fixed", "cam_sweep"),
+                        help="fixed: background (1 - max CAM)^alpha; cam_sweep: alpha that puts it at the CAM sweep's best threshold"),
         "alpha": _num(16.0, 0.0, help="background channel (1 - max CAM)^alpha"),
         "ignore_below": _num(0.0, 0.0, 1.0, help="mark pixels whose top score is below this as 255"),
         "final_crf": P(bool, False),
@@ -183,7 +187,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "rw": {"logt": 4},
         "seg": {"epochs": 1, "batch_size": 8, "crop_size": 48},
         "compute": {"scheduler": "synchronous", "shard_images": 8},
-    }
+    },
+    # Real photos (VOC-style) on a 2-core CPU in about 40 minutes; measured on 676 VOC photos in
+    # docs/REAL_PHOTOS.md. Set data.root (and data.dataset for coco / folder). What differs from the
+    # published GPU settings is smaller: crops, one CAM scale, a thinner AffinityNet embedding, the
+    # early backbone levels frozen. Thresholds and the walk's background follow the CAM sweep.
+    "photos": {
+        "data": {"dataset": "voc", "root": "data/VOC2012", "gallery_ids": 8},
+        "cam": {"backbone": "efficientnet_lite0", "weights": "imagenet", "epochs": 10, "batch_size": 16, "lr": 0.02,
+                "crop_size": 320, "scale_min": 0.5, "scale_max": 1.0, "frozen_levels": 2, "freeze_bn": True,
+                "scales": [1.0], "flip": True, "stride": 4, "num_workers": 1},
+        "crf": {"mode": "irnet", "thresholds": "cam_sweep", "fg_ratio": 1.5, "bg_ratio": 0.5, "scale": 0.5},
+        "affinity": {"crop_size": 256, "batch_size": 8, "epochs": 5, "lr": 0.05, "scale_min": 0.5, "scale_max": 1.0,
+                     "stride": 4, "radius": 5, "embed_dim": 64, "frozen_levels": 2, "num_workers": 1},
+        "rw": {"background": "cam_sweep", "beta": 10.0, "logt": 8},
+        "seg": {"backbone": "efficientnet_lite0", "weights": "imagenet", "epochs": 8, "batch_size": 16, "lr": 0.01,
+                "crop_size": 320, "scale_min": 0.5, "scale_max": 1.0, "frozen_levels": 2, "freeze_bn": True,
+                "aspp_channels": 128, "num_workers": 1},
+        "compute": {"torch_threads": 2},
+    },
 }
 
 

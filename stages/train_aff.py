@@ -21,7 +21,7 @@ def main() -> None:
     prepared = open_prepared(PREPARED, params["data"])
     seeds = Store(SEEDS)
     model, backbone_name = build_affinity_net(params["cam"]["backbone"], aff["init"], aff["stride"],
-                                              CAM_MODEL / "classifier.pt")
+                                              CAM_MODEL / "classifier.pt", aff["embed_dim"], aff["frozen_levels"])
     with stage_timer("train_aff") as t:
         history = train_affinity(model, prepared, seeds, seeds.ids, aff, device, compute["seed"], backbone_name,
                                  AFF_MODEL / "affinity.pt", RESUME)

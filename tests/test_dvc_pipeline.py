@@ -87,3 +87,26 @@ def test_ablate_runs_a_grid_as_named_experiments_and_collects_the_table(repo):
     out = _run(cmd + ["--collect"], repo)
     assert (repo / "reports/ablation.md").read_text() == table
     assert "Running stage" not in out
+
+
+# Each switch of the real-photo settings re-runs its own stage and what follows, nothing before it.
+# (stacked on the workspace the tests above leave; each run changes one key)
+SWITCHES = [
+    ("cam.freeze_bn=true", {"train_cam", "make_cam", "crf"}, {"prepare"}),
+    ("cam.frozen_levels=1", {"train_cam", "make_cam"}, {"prepare"}),
+    ("crf.thresholds=cam_sweep", {"crf", "train_aff", "random_walk"}, {"prepare", "train_cam", "make_cam"}),
+    ("crf.merge=agree", {"crf"}, {"prepare", "train_cam", "make_cam"}),
+    ("affinity.frozen_levels=1", {"train_aff", "random_walk"}, {"prepare", "train_cam", "make_cam", "crf"}),
+    ("affinity.embed_dim=32", {"train_aff", "random_walk"}, {"prepare", "train_cam", "make_cam", "crf"}),
+    ("rw.background=cam_sweep", {"random_walk", "train_seg", "evaluate"},
+     {"prepare", "train_cam", "make_cam", "crf", "train_aff"}),
+    ("seg.freeze_bn=true", {"train_seg", "evaluate"}, {"prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk"}),
+]
+
+
+@pytest.mark.parametrize("setting,must_run,must_not_run", SWITCHES, ids=[s[0] for s in SWITCHES])
+def test_each_real_photo_switch_reruns_only_its_stage_and_downstream(repo, setting, must_run, must_not_run):
+    out = _run(["dvc", "exp", "run", "-S", setting], repo)
+    ran = _ran(out)
+    assert must_run <= ran, (setting, ran)
+    assert not ran & must_not_run, (setting, ran)

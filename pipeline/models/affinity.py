@@ -51,9 +51,9 @@ def grid_size(size: Sequence[int], stride: int) -> tuple[int, int]:
     return math.ceil(int(size[0]) / stride), math.ceil(int(size[1]) / stride)
 
 
-def default_dims(levels: int) -> list[int]:
-    """Embedding channels per backbone level, shallow to deep: ..., 32, 64, 128."""
-    return [max(8, 128 >> (levels - 1 - i)) for i in range(levels)]
+def default_dims(levels: int, deepest: int = 128) -> list[int]:
+    """Embedding channels per backbone level, shallow to deep, halving from ``deepest``: ..., 32, 64, 128."""
+    return [max(8, deepest >> (levels - 1 - i)) for i in range(levels)]
 
 
 class AffinityNet(nn.Module):
@@ -109,12 +109,10 @@ class AffinityNet(nn.Module):
     @staticmethod
     def affinities(emb: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
         h, w = emb.shape[-2:]
-        out = []
-        for dy, dx in offsets:
-            d = (emb - shifted(emb, dy, dx)).abs().mean(1)
-            out.append(torch.exp(-d))
-        aff = torch.stack(out, 1)
-        return aff * in_bounds(h, w, offsets, emb.device).unsqueeze(0)
+        r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+        padded = F.pad(emb, (r, r, r, r))  # one padded copy; each partner map is a view of it (1.8x faster than shifted copies)
+        dist = torch.stack([(emb - padded[..., r + dy:r + dy + h, r + dx:r + dx + w]).abs().mean(1) for dy, dx in offsets], 1)
+        return torch.exp(-dist) * in_bounds(h, w, offsets, emb.device).unsqueeze(0)
 
     def forward(self, x: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
         return self.affinities(self.embedding(x), offsets)
@@ -160,10 +158,11 @@ def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor,
 
 
 def build_affinity_net(backbone_name: str, init: str, stride: int, classifier_checkpoint: str | Path | None = None,
-                       dims: Sequence[int] | None = None) -> tuple[AffinityNet, str]:
+                       embed_dim: int = 128, frozen_levels: int = 0) -> tuple[AffinityNet, str]:
     """``init``: ``classifier`` (the trained CAM classifier's backbone), ``imagenet``, ``none`` or a
-    path to backbone weights. Returns (model, backbone name); with ``classifier`` the name is the
-    classifier's own."""
+    path to backbone weights. ``embed_dim``: channels of the deepest embedding level (see
+    :func:`default_dims`); ``frozen_levels``: backbone levels left untrained. Returns (model,
+    backbone name); with ``classifier`` the name is the classifier's own."""
     if init == "classifier":
         if classifier_checkpoint is None or not Path(classifier_checkpoint).is_file():
             raise FileNotFoundError(f"param affinity.init=classifier: classifier checkpoint not found: {classifier_checkpoint}; "
@@ -175,6 +174,9 @@ def build_affinity_net(backbone_name: str, init: str, stride: int, classifier_ch
         backbone, backbone_name = model.backbone, meta.get("backbone", backbone_name)
     else:
         backbone = build_backbone(backbone_name, init)
+    backbone.requires_grad_(True)  # the classifier may have frozen some levels: this model decides its own
+    backbone.freeze_levels(frozen_levels)
+    dims = default_dims(len(backbone.channels), embed_dim)
     return AffinityNet(backbone, stride=stride, dims=dims, freeze_bn=init != "none"), backbone_name
 
 

@@ -225,13 +225,38 @@ def make_pseudo_mask(task: WalkTask) -> np.ndarray:
                        aff_stride=model.stride)
 
 
+def background_alpha(threshold: float) -> float:
+    """The exponent at which the background channel (1 - m)^alpha equals the CAM m at ``threshold``:
+    then argmax over [background, CAMs] is background exactly where max CAM < threshold."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"a background threshold must lie in (0, 1), got {threshold}")
+    return float(np.log(threshold) / np.log1p(-threshold))
+
+
+def resolve_background(rw: dict, cam_threshold: float | None) -> dict:
+    """The ``rw`` params with the background exponent this run uses: ``rw.alpha`` (``rw.background:
+    fixed``) or the one that puts the background at the CAM sweep's best threshold (``cam_sweep``;
+    PSA's alpha 16 corresponds to a threshold of 0.12)."""
+    if rw["background"] == "fixed":
+        return dict(rw)
+    if rw["background"] != "cam_sweep":
+        raise ValueError(f"param rw.background: {rw['background']!r} is not 'fixed' or 'cam_sweep'")
+    if cam_threshold is None:
+        raise ValueError("param rw.background=cam_sweep: the CAM threshold sweep has no best threshold (metrics/cam.json "
+                         "needs train images with GT); set rw.background: fixed")
+    return {**rw, "alpha": round(background_alpha(cam_threshold), 4)}
+
+
 def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Path, model_path: str | Path | None,
-                      out_path: str | Path, rw: dict, crf: dict, compute: dict, device: str = "cpu") -> dict:
+                      out_path: str | Path, rw: dict, crf: dict, compute: dict, device: str = "cpu",
+                      cam_threshold: float | None = None) -> dict:
     """Pseudo masks for every image of the CAM store -> ``out_path`` (array "mask").
 
     Per-image work (AffinityNet forward + walk) runs through the dask helper; each worker process
-    loads the model once. Returns the metrics dict (ConfusionMatrix summary + run facts).
+    loads the model once. ``cam_threshold``: the CAM sweep's best threshold, for ``rw.background:
+    cam_sweep``. Returns the metrics dict (ConfusionMatrix summary + run facts).
     """
+    rw = resolve_background(rw, cam_threshold)
     prepared = open_prepared(prepared_dir, data)
     cams = open_store(cams_path)
     ids = list(cams.ids)
