@@ -45,6 +45,14 @@ def _ablate(args):
         print(table)
 
 
+def _quality(args):
+    from pipeline.quality import write_quality
+
+    command = "wsss quality " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["quality"] else "wsss quality"
+    path = write_quality(args.metrics, args.out, args.title, command, args.note or [])
+    print(f"wrote {path}")
+
+
 def _plugins(args):
     from pipeline.registry import BACKBONES, CAM_METHODS, REFINERS
 
@@ -92,6 +100,13 @@ def main(argv=None) -> None:
     how.add_argument("--queue", action="store_true", help="only queue the experiments (run them with dvc queue start)")
     how.add_argument("--collect", action="store_true", help="only read experiments already run and write the table")
     p.set_defaults(fn=_ablate)
+
+    p = sub.add_parser("quality", help="write the label-quality table of the last run as markdown")
+    p.add_argument("--out", default="reports/quality.md")
+    p.add_argument("--metrics", default="metrics", help="folder with the stages' metrics json files")
+    p.add_argument("--title", default="Label quality")
+    p.add_argument("--note", action="append", help="a line of text to put under the title; repeatable")
+    p.set_defaults(fn=_quality)
 
     p = sub.add_parser("plugins", help="list backbones, CAM methods and refiners (built-in and plugins)")
     p.set_defaults(fn=_plugins)
