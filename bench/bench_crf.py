@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CRF = {"enabled": True, "mode": "affinitynet", "iterations": 10, "gaussian_sxy": 3.0, "gaussian_compat": 3.0,
        "bilateral_sxy": 80.0, "bilateral_srgb": 13.0, "bilateral_compat": 10.0, "alpha_fg": 4.0, "alpha_bg": 32.0,
-       "fg_threshold": 0.3, "bg_threshold": 0.05, "gt_prob": 0.7, "scale": 1.0}
+       "fg_threshold": 0.3, "bg_threshold": 0.05, "gt_prob": 0.7, "scale": 1.0, "merge": "published",
+       "thresholds": "fixed", "fg_ratio": 2.0, "bg_ratio": 0.33}
 
 
 def direct_crf(image, probs, iterations=10):

@@ -71,7 +71,7 @@ def test_affinitynet_seeds_leave_the_uncertain_band_unlabelled():
     dist = np.hypot(yy - 20, xx - 30)
     cam = np.clip(1 - dist / 25, 0, 1)[None].astype(np.float32)  # one class (index 3), peak at the centre
     crf = {"alpha_fg": 4.0, "alpha_bg": 32.0, "iterations": 5, "gaussian_sxy": 3.0, "gaussian_compat": 3.0,
-           "bilateral_sxy": 80.0, "bilateral_srgb": 13.0, "bilateral_compat": 10.0}
+           "bilateral_sxy": 80.0, "bilateral_srgb": 13.0, "bilateral_compat": 10.0, "merge": "published"}
     seed = AffinityNetSeeds(crf)(image, cam, [3])
     assert set(np.unique(seed)) <= {0, 3, 255}
     assert seed[20, 30] == 3 and seed[0, 0] == 0

@@ -111,8 +111,11 @@ def datasheet(manifest: dict) -> str:
         how.append(f"1. A multi-label classifier (backbone `{cam.get('backbone')}`) was trained on the image-level labels only; "
                    f"its class activation maps (method `{cam.get('method')}`, scales {cam.get('scales')}, flip {cam.get('flip')}) "
                    "give a coarse score per class.")
-        how.append(f"2. A dense CRF turned the CAMs into confident seeds (enabled: {crf.get('enabled')}; foreground / background "
-                   f"thresholds {crf.get('fg_threshold')} / {crf.get('bg_threshold')}); disagreeing pixels became 255.")
+        thresholds = (f"{crf.get('fg_ratio')} / {crf.get('bg_ratio')} x the CAM's best threshold"
+                      if crf.get("thresholds") == "cam_sweep" else f"{crf.get('fg_threshold')} / {crf.get('bg_threshold')}")
+        how.append(f"2. A dense CRF turned the CAMs into confident seeds (enabled: {crf.get('enabled')}, mode "
+                   f"`{crf.get('mode')}`, merge rule `{crf.get('merge')}`; foreground / background thresholds {thresholds}); "
+                   "pixels neither confidently foreground nor background became 255.")
         how.append(f"3. An affinity network learned from the seeds which neighbouring pixels belong together; a random walk "
                    f"(enabled: {rw.get('enabled')}, beta {rw.get('beta')}, 2^{rw.get('logt')} steps) spread the CAM scores "
                    "inside objects, and each pixel took the best class.")
