@@ -67,7 +67,7 @@ def test_zero_steps_leave_scores_unchanged():
     assert torch.equal(propagate(scores, w, offsets, 0), scores)
 
 
-RW = {"enabled": True, "beta": 8.0, "logt": 4, "alpha": 16.0, "ignore_below": 0.0, "final_crf": False}
+RW = {"enabled": True, "beta": 8.0, "logt": 4, "background": "fixed", "alpha": 16.0, "ignore_below": 0.0, "final_crf": False}
 
 
 def test_disabled_walk_gives_cam_labels_with_background_channel():
