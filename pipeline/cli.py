@@ -48,8 +48,8 @@ def _ablate(args):
 def _quality(args):
     from pipeline.quality import write_quality
 
-    command = "wsss quality " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["quality"] else "wsss quality"
-    path = write_quality(args.metrics, args.out, args.title, command, args.note or [])
+    path = write_quality(args.metrics, args.out, args.title, f"wsss quality --metrics {args.metrics} --out {args.out}",
+                         args.note or [])
     print(f"wrote {path}")
 
 

@@ -39,7 +39,13 @@ class Backbone(nn.Module):
     def freeze_levels(self, n: int) -> None:
         """Keep the first ``n`` levels at their loaded weights (no gradients); their BatchNorms stay in
         eval mode through :func:`keep_frozen_bn`."""
-        levels = self.level_modules()
+        if n == 0:
+            return
+        try:
+            levels = self.level_modules()
+        except NotImplementedError:
+            raise ValueError(f"frozen_levels: backbone {type(self).__name__} does not say which modules make each "
+                             "level (level_modules); use frozen_levels: 0") from None
         if not 0 <= n <= len(levels):
             raise ValueError(f"frozen_levels: must be between 0 and {len(levels)} for this backbone, got {n}")
         for modules in levels[:n]:
