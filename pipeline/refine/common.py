@@ -40,6 +40,15 @@ def grid_to_image(maps: np.ndarray, size: Sequence[int], stride: int) -> np.ndar
     return resize_maps(maps, (gh * stride, gw * stride))[:, :h, :w]
 
 
+def required_cam_threshold(setting: str, cam_threshold: float | None) -> float:
+    """The CAM sweep's best threshold for a ``cam_sweep`` setting (named in ``setting``, e.g.
+    ``rw.background``); a clear error when there was no sweep (no train image has GT)."""
+    if cam_threshold is None:
+        raise ValueError(f"param {setting}=cam_sweep: the CAM threshold sweep has no best threshold (metrics/cam.json "
+                         f"needs train images with GT); set {setting}: fixed")
+    return float(cam_threshold)
+
+
 def present_classes(labels: Sequence[int]) -> list[int]:
     """Sorted, unique foreground class indices (1..C-1)."""
     return sorted({int(c) for c in labels})

@@ -21,7 +21,8 @@ import torch
 
 from pipeline.models.affinity import in_bounds, shifted
 from pipeline.refine.common import (grid_to_image, open_prepared, open_store, present_classes, read_cams,
-                                    resize_maps, to_class_labels, with_background, write_scored_label_store)
+                                    required_cam_threshold, resize_maps, to_class_labels, with_background,
+                                    write_scored_label_store)
 from pipeline.store import IGNORE_INDEX
 
 Offsets = Sequence[tuple[int, int]]
@@ -241,10 +242,7 @@ def resolve_background(rw: dict, cam_threshold: float | None) -> dict:
         return dict(rw)
     if rw["background"] != "cam_sweep":
         raise ValueError(f"param rw.background: {rw['background']!r} is not 'fixed' or 'cam_sweep'")
-    if cam_threshold is None:
-        raise ValueError("param rw.background=cam_sweep: the CAM threshold sweep has no best threshold (metrics/cam.json "
-                         "needs train images with GT); set rw.background: fixed")
-    return {**rw, "alpha": round(background_alpha(cam_threshold), 4)}
+    return {**rw, "alpha": round(background_alpha(required_cam_threshold("rw.background", cam_threshold)), 4)}
 
 
 def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Path, model_path: str | Path | None,

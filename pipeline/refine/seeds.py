@@ -35,7 +35,8 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.refine.common import (grid_to_image, open_prepared, open_store, present_classes, read_cams,
-                                    to_class_labels, with_background, write_scored_label_store)
+                                    required_cam_threshold, to_class_labels, with_background,
+                                    write_scored_label_store)
 from pipeline.refine.crf import CrfSettings, crf_argmax, label_crf
 from pipeline.registry import REFINERS
 from pipeline.store import IGNORE_INDEX
@@ -124,9 +125,7 @@ def resolve_thresholds(crf: dict, cam_threshold: float | None) -> dict:
         return dict(crf)
     if crf["thresholds"] != "cam_sweep":
         raise ValueError(f"param crf.thresholds: {crf['thresholds']!r} is not 'fixed' or 'cam_sweep'")
-    if cam_threshold is None:
-        raise ValueError("param crf.thresholds=cam_sweep: the CAM threshold sweep has no best threshold (metrics/cam.json "
-                         "needs train images with GT); set crf.thresholds: fixed")
+    cam_threshold = required_cam_threshold("crf.thresholds", cam_threshold)
     fg = min(1.0, crf["fg_ratio"] * cam_threshold)
     bg = min(fg, crf["bg_ratio"] * cam_threshold)
     return {**crf, "fg_threshold": round(fg, 4), "bg_threshold": round(bg, 4)}
