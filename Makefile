@@ -20,7 +20,9 @@ test: install
 # preset (VOC layout; edit data.dataset for coco / folder) and runs the graph.
 photos: install
 	@test -n "$(ROOT)" || { echo "make photos: set ROOT to a VOC-style dataset folder, e.g. make photos ROOT=/datasets/VOC2012"; exit 2; }
-	$(VENV)/bin/wsss params --preset photos --set data.root=$(abspath $(ROOT)) > params.yaml
+	@test -d "$(ROOT)" || { echo "make photos: ROOT=$(ROOT) is not a folder"; exit 2; }
+	$(VENV)/bin/wsss params --preset photos --set data.root=$(abspath $(ROOT)) > params.yaml.tmp
+	mv params.yaml.tmp params.yaml
 	. $(VENV)/bin/activate && dvc repro
 
 .PHONY: install demo test photos
