@@ -29,6 +29,14 @@ def resume_file(model_dir: Path) -> Path:
     return model_dir.with_name(model_dir.name + ".partial") / "resume.pt"
 
 
+def cam_best_threshold() -> float | None:
+    """The best background threshold of make_cam's train sweep (``metrics/cam.json``), or None
+    when there was no sweep; the ``cam_sweep`` settings of crf and random_walk use it."""
+    from pipeline.report import read_json
+
+    return (read_json(CAM_METRICS) or {}).get("best_threshold")
+
+
 def start(stage: str, params_file: str = "params.yaml") -> dict:
     """Set up logging and return the validated params."""
     setup_logging()

@@ -4,18 +4,16 @@ from pipeline.progress import stage_timer
 from pipeline.refine.common import open_prepared, open_store
 from pipeline.refine.gallery import refine_gallery
 from pipeline.refine.seeds import make_seed_store
-from pipeline.report import read_json
 from pipeline.visual import save_png
-from stages.common import CAM_METRICS, CAMS, PLOTS, PREPARED, SEEDS, start
+from stages.common import CAMS, PLOTS, PREPARED, SEEDS, cam_best_threshold, start
 
 
 def main() -> None:
     params = start("crf")
     crf = params["crf"]
     with stage_timer("crf") as t:
-        cam_metrics = read_json(CAM_METRICS) or {}
         metrics = make_seed_store(PREPARED, params["data"], CAMS, SEEDS, crf, params["compute"],
-                                  cam_threshold=cam_metrics.get("best_threshold"))
+                                  cam_threshold=cam_best_threshold())
         t["n"] = metrics["images"]
         t["extra"] = (f"mode {metrics['mode']}, coverage {metrics['coverage']}%, precision {metrics['precision']}%, "
                       f"mIoU over labelled {metrics['miou']}%")

@@ -5,8 +5,7 @@ from pipeline.refine.common import open_prepared, open_store
 from pipeline.refine.gallery import refine_gallery
 from pipeline.refine.random_walk import affinity_separation, make_pseudo_store
 from pipeline.visual import save_png
-from pipeline.report import read_json
-from stages.common import AFF_MODEL, CAM_METRICS, CAMS, PLOTS, PREPARED, PSEUDO, SEEDS, start
+from stages.common import AFF_MODEL, CAMS, PLOTS, PREPARED, PSEUDO, SEEDS, cam_best_threshold, start
 
 SEPARATION_IMAGES = 64  # images the affinity diagnostic looks at (GT pairs: same class vs different)
 
@@ -20,9 +19,9 @@ def main() -> None:
 
         device = str(resolve_device("auto"))
     with stage_timer("random_walk") as t:
-        cam_threshold = (read_json(CAM_METRICS) or {}).get("best_threshold")
         metrics = make_pseudo_store(PREPARED, params["data"], CAMS, AFF_MODEL / "affinity.pt", PSEUDO, rw,
-                                    params["crf"], params["compute"], device=device, cam_threshold=cam_threshold)
+                                    params["crf"], params["compute"], device=device,
+                                    cam_threshold=cam_best_threshold())
         t["n"] = metrics["images"]
         t["extra"] = f"{'random walk' if rw['enabled'] else 'disabled: CAM labels'}, mIoU {metrics['miou']}%"
     prepared, cams, pseudo = open_prepared(PREPARED, params["data"]), open_store(CAMS), open_store(PSEUDO)
