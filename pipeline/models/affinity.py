@@ -175,7 +175,7 @@ def build_affinity_net(backbone_name: str, init: str, stride: int, classifier_ch
     else:
         backbone = build_backbone(backbone_name, init)
     backbone.requires_grad_(True)  # the classifier may have frozen some levels: this model decides its own
-    backbone.freeze_levels(frozen_levels)
+    backbone.freeze_levels(frozen_levels, "affinity.frozen_levels")
     dims = default_dims(len(backbone.channels), embed_dim)
     return AffinityNet(backbone, stride=stride, dims=dims, freeze_bn=init != "none"), backbone_name
 

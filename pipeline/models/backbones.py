@@ -36,18 +36,19 @@ class Backbone(nn.Module):
         """The modules that compute each returned level (the stem counts to level 0), shallow to deep."""
         raise NotImplementedError
 
-    def freeze_levels(self, n: int) -> None:
+    def freeze_levels(self, n: int, param: str = "frozen_levels") -> None:
         """Keep the first ``n`` levels at their loaded weights (no gradients); their BatchNorms stay in
-        eval mode through :func:`keep_frozen_bn`."""
+        eval mode through :func:`keep_frozen_bn`. ``param`` names the setting in error messages."""
         if n == 0:
             return
         try:
             levels = self.level_modules()
         except NotImplementedError:
-            raise ValueError(f"frozen_levels: backbone {type(self).__name__} does not say which modules make each "
-                             "level (level_modules); use frozen_levels: 0") from None
+            raise ValueError(f"param {param}: backbone {type(self).__name__} does not say which modules make each "
+                             f"level (level_modules); set {param}: 0") from None
         if not 0 <= n <= len(levels):
-            raise ValueError(f"frozen_levels: must be between 0 and {len(levels)} for this backbone, got {n}")
+            raise ValueError(f"param {param}: must be between 0 and {len(levels)} for backbone "
+                             f"{type(self).__name__}, got {n}")
         for modules in levels[:n]:
             for m in modules:
                 m.requires_grad_(False)

@@ -28,7 +28,7 @@ class CamClassifier(nn.Module):
         self.num_classes = num_classes
         self.classifier = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
         self.freeze_bn = freeze_bn
-        backbone.freeze_levels(frozen_levels)
+        backbone.freeze_levels(frozen_levels, "cam.frozen_levels")
 
     def train(self, mode: bool = True):
         """Training mode, except frozen BatchNorms (all of them with ``freeze_bn``, as IRNet and PSA

@@ -61,7 +61,7 @@ class Segmenter(nn.Module):
             raise ValueError(f"a segmenter needs at least 2 classes (background + one), got {num_classes}")
         self.num_classes = num_classes
         self.backbone = build_backbone(backbone, weights)
-        self.backbone.freeze_levels(frozen_levels)
+        self.backbone.freeze_levels(frozen_levels, "seg.frozen_levels")
         self.freeze_bn = freeze_bn
         self.head = ASPPHead(self.backbone.out_channels, num_classes, rates, channels, dropout)
 
