@@ -85,7 +85,8 @@ def main(argv=None) -> None:
     p.add_argument("--format", action="append", choices=["voc", "coco", "zarr"], required=True,
                    help="repeat for several formats")
     p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace a previous export in --out (any other non-empty folder is always refused)")
     p.add_argument("--store", default="data/pseudo.zarr", help="mask store to export")
     p.add_argument("--prepared", default="data/prepared")
     p.add_argument("--params", default="params.yaml")

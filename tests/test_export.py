@@ -109,8 +109,15 @@ def test_non_empty_target_is_refused_without_force(demo, tmp_path):
     with pytest.raises(ExportError, match="not empty"):
         _export(demo, out, ["voc"])
     assert (out / "keep.txt").exists()
+    with pytest.raises(ExportError, match="not a previous export"):  # force replaces only a previous export
+        _export(demo, out, ["voc"], force=True)
+    assert (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    _export(demo, out, ["coco"])
+    with pytest.raises(ExportError, match="not empty"):
+        _export(demo, out, ["voc"])
     _export(demo, out, ["voc"], force=True)
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    assert json.loads((out / "manifest.json").read_text())["format"] == "voc"
 
 
 def test_target_holding_the_inputs_is_refused_even_with_force(demo):

@@ -2,8 +2,9 @@
 
 :func:`run_export` is the one entry used by the ``export`` stage and by ``wsss export``. Every
 export folder holds the masks, ``manifest.json`` and a datasheet ``README.md``. Writes are safe:
-image ids cannot name files outside the folder, a non-empty target is refused unless
-``force``, and everything is written into a temporary sibling folder that is renamed into
+image ids cannot name files outside the folder, a non-empty target is refused unless it
+holds a previous export (an export ``manifest.json``, or format sub-folders with one each) and
+``force`` is given, and everything is written into a temporary sibling folder that is renamed into
 place only when complete.
 """
 from __future__ import annotations
@@ -54,8 +55,38 @@ def iter_store_masks(store: Store, name: str = "mask") -> Iterator[tuple[int, np
             yield lo + j, block[j, :gh, :gw]
 
 
+def _export_manifest_format(folder: Path) -> str | None:
+    """The format named by ``folder/manifest.json`` when it is the manifest of an export, else None."""
+    try:
+        m = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(m, dict) and "manifest_version" in m and m.get("format") in FORMATS and "files" in m:
+        return m["format"]
+    return None
+
+
+def _previous_export(folder: Path) -> str | None:
+    """Why ``folder`` is not a previous export (None when it is one and may be replaced).
+
+    An export is a folder with an export ``manifest.json`` (one format), or a folder whose entries
+    are all format sub-folders (voc, coco, zarr) with one each (what the ``export`` stage writes)."""
+    if _export_manifest_format(folder) is not None:
+        return None
+    if (folder / "manifest.json").exists():
+        return "its manifest.json is not an export manifest"
+    entries = sorted(folder.iterdir())
+    foreign = [e.name for e in entries if not (e.is_dir() and not e.is_symlink() and e.name in FORMATS
+                                                and _export_manifest_format(e) == e.name)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return f"it holds {shown}, which no export wrote"
+    return None
+
+
 def _check_target(out_dir: Path, force: bool, protected: Sequence[Path]) -> None:
-    """Refuse a target that is a file, a non-empty folder (unless force), or holds / is an input or the cwd."""
+    """Refuse a target that is a file, holds / is an input or the cwd, or is a non-empty folder
+    other than a previous export (that one only with force). Raises ExportError naming the folder."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"export target {out_dir} exists and is not a folder")
     target = out_dir.resolve()
@@ -63,8 +94,18 @@ def _check_target(out_dir: Path, force: bool, protected: Sequence[Path]) -> None
         p = Path(p).resolve()
         if target == p or target in p.parents:
             raise ExportError(f"export target {out_dir} is or contains {p}; pick a new folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise ExportError(f"export target {out_dir} is not empty; pass --force (force=True) to replace it")
+    if out_dir.is_dir():
+        try:
+            empty = not any(out_dir.iterdir())
+            why = None if empty else _previous_export(out_dir)
+        except OSError as e:
+            raise ExportError(f"export target {out_dir} cannot be read: {e.strerror or e}") from e
+        if why is not None:
+            raise ExportError(f"export target {out_dir} is not empty and is not a previous export ({why}); refusing to replace it "
+                              "even with --force: pick a new or empty folder")
+        if not empty and not force:
+            raise ExportError(f"export target {out_dir} is not empty (a previous export); pass --force "
+                              "(force=True) to replace it")
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
@@ -107,7 +148,8 @@ def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_par
     content (per-stage mIoU) recorded as ``stage_metrics``.
     Returns a summary: {"out_dir", "count", "formats": {fmt: {"path", "seconds", "images_per_s",
     "bytes", "bytes_per_image"}}, "label_quality"}.
-    Raises ExportError (bad format, unsafe id, non-empty target without force, bad mask values).
+    Raises ExportError (bad format, unsafe id, a target that is not empty and not a previous export, a
+    previous export without force, an unwritable target, bad mask values).
     """
     from pipeline.datasets import PreparedData
 

@@ -1,0 +1,161 @@
+"""Issue 11 "Reliability" (export and ablate): ``--force`` replaces only a previous export, an
+unwritable target is one line without a traceback, export errors are not swallowed (COCO file
+names, manifest provenance say why they are missing), and ``wsss ablate`` validates every
+setting before it queues or runs any experiment."""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ParamsError, dump_params, preset
+from pipeline.datasets import DatasetError, PreparedData
+from pipeline.export import ExportError, read_export, run_export
+from pipeline.prepare import prepare_dataset
+from pipeline.store import IGNORE_INDEX, ArraySpec, write_store
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A tiny prepared demo, its GT as the pseudo store, and a params.yaml for the CLI."""
+    root = tmp_path_factory.mktemp("relexport")
+    params = preset("tiny")
+    params["data"]["demo_num_train"] = 6
+    params["data"]["demo_num_val"] = 2
+    prepare_dataset(params["data"], root / "prepared", shard_images=8)
+    prepared = PreparedData(params["data"], root / "prepared")
+    ids = prepared.ids("train")
+    write_store(root / "pseudo.zarr", ids, prepared.sizes(ids), {"mask": ArraySpec("uint8", fill=IGNORE_INDEX)},
+                {"class_names": prepared.class_names, "split": "train", "method": "test"},
+                lambda idx: {"mask": [prepared.gt(ids[i]) for i in idx]}, shard_images=8)
+    dump_params(params, root / "params.yaml")
+    return {"root": root, "params": params, "prepared": prepared, "store": root / "pseudo.zarr", "ids": ids}
+
+
+def _export(demo, out, formats, **kw):
+    return run_export(demo["store"], demo["root"] / "prepared", demo["params"]["data"], formats, out,
+                      params=demo["params"], progress=False, **kw)
+
+
+def _cli(demo, *args) -> SystemExit | None:
+    """Run ``wsss export`` in-process; the SystemExit it ended with (None on success)."""
+    from pipeline.cli import main
+
+    argv = ["export", "--store", str(demo["store"]), "--prepared", str(demo["root"] / "prepared"),
+            "--params", str(demo["root"] / "params.yaml"), "--metrics", str(demo["root"] / "none.json"), *args]
+    try:
+        main(argv)
+    except SystemExit as e:
+        return e
+    return None
+
+
+def _one_line_error(exc: SystemExit | None, *needles: str) -> str:
+    assert exc is not None, "the command succeeded"
+    msg = exc.code
+    assert isinstance(msg, str), f"exit code {msg!r} instead of a message"
+    assert msg.startswith("wsss export: error: ") and "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, (n, msg)
+    return msg
+
+
+# --- 1. --force replaces only an empty folder or a previous export ----------------------------
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_force_refuses_a_dataset_folder(demo, tmp_path):
+    data = tmp_path / "VOC2012"
+    (data / "JPEGImages").mkdir(parents=True)
+    (data / "JPEGImages" / "a.jpg").write_bytes(b"jpeg")
+    (data / "labels.csv").write_text("image,labels\n")
+    before = _tree(data)
+    with pytest.raises(ExportError, match="not a previous export") as e:
+        _export(demo, data, ["voc"], force=True)
+    assert str(data) in str(e.value) and "\n" not in str(e.value)
+    assert _tree(data) == before
+
+
+def test_force_refuses_a_git_repository_from_the_cli(demo, tmp_path):
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "file.txt").write_text("keep")
+    before = _tree(repo / ".git")
+    _one_line_error(_cli(demo, "--format", "voc", "--out", str(repo / ".git"), "--force"),
+                    str(repo / ".git"), "not a previous export")
+    assert _tree(repo / ".git") == before
+    assert subprocess.run(["git", "status"], cwd=repo, capture_output=True).returncode == 0
+    _one_line_error(_cli(demo, "--format", "voc", "--out", str(repo), "--force"), str(repo))
+    assert (repo / "file.txt").read_text() == "keep"
+
+
+def test_force_refuses_a_folder_whose_manifest_is_not_an_export(demo, tmp_path):
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"name": "someone else's tool"}))
+    (out / "data.bin").write_bytes(b"x")
+    with pytest.raises(ExportError, match="not a previous export"):
+        _export(demo, out, ["voc"], force=True)
+    assert (out / "data.bin").exists()
+
+
+def test_force_refuses_a_nested_export_with_foreign_files(demo, tmp_path):
+    out = tmp_path / "exports"
+    _export(demo, out, ["voc", "zarr"])
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not a previous export"):
+        _export(demo, out, ["voc", "zarr"], force=True)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_force_replaces_an_empty_folder_or_a_previous_export(demo, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _export(demo, empty, ["voc"])
+    assert (empty / "manifest.json").is_file()
+    single = tmp_path / "single"
+    _export(demo, single, ["coco"])
+    with pytest.raises(ExportError, match="not empty"):  # no --force: never replaced
+        _export(demo, single, ["voc"])
+    _export(demo, single, ["voc"], force=True)
+    assert json.loads((single / "manifest.json").read_text())["format"] == "voc"
+    nested = tmp_path / "nested"
+    _export(demo, nested, ["voc", "coco", "zarr"])
+    _export(demo, nested, ["voc", "zarr"], force=True)
+    assert sorted(p.name for p in nested.iterdir()) == ["voc", "zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "nested", "single"]
+
+
+def test_export_stage_replaces_a_leftover_previous_export(demo, tmp_path, monkeypatch):
+    import stages.export as stage
+
+    exports = tmp_path / "exports" / "pseudo_masks"
+    monkeypatch.setattr(stage, "EXPORTS", exports)
+    monkeypatch.setattr(stage, "PSEUDO", demo["store"])
+    monkeypatch.setattr(stage, "PREPARED", demo["root"] / "prepared")
+    monkeypatch.setattr(stage, "LABEL_METRICS", tmp_path / "labels.json")
+    monkeypatch.setattr(stage, "start", lambda name: demo["params"])
+    stage.main()
+    first = json.loads((exports / "voc" / "manifest.json").read_text())["created"]
+    assert sorted(p.name for p in exports.iterdir()) == ["coco", "voc", "zarr"]
+    stage.main()  # DVC removes the out first; a leftover previous export is replaced all the same
+    assert sorted(p.name for p in exports.iterdir()) == ["coco", "voc", "zarr"]
+    assert sorted(read_export(exports / "zarr")) == sorted(demo["ids"])
+    assert json.loads((exports / "voc" / "manifest.json").read_text())["created"] >= first
+    (exports / "keep.txt").write_text("x")  # not part of an export: the stage refuses to delete it
+    with pytest.raises(ExportError, match="not a previous export"):
+        stage.main()
+    assert (exports / "keep.txt").exists()
