@@ -115,7 +115,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, KeyError, OSError, RuntimeError) as e:  # OSError: unreadable / unwritable / busy paths
         sys.exit(f"wsss {args.cmd}: error: {e}")
 
 

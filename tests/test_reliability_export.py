@@ -159,3 +159,61 @@ def test_export_stage_replaces_a_leftover_previous_export(demo, tmp_path, monkey
     with pytest.raises(ExportError, match="not a previous export"):
         stage.main()
     assert (exports / "keep.txt").exists()
+
+
+# --- 2. unwritable / busy targets: one line, no traceback --------------------------------------
+
+def test_target_under_a_file_is_one_line_from_the_cli(demo, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    _one_line_error(_cli(demo, "--format", "voc", "--out", str(blocker / "out")), str(blocker))
+    assert blocker.read_text() == "x"
+
+
+def test_target_that_is_a_file_is_one_line_from_the_cli(demo, tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    _one_line_error(_cli(demo, "--format", "voc", "--out", str(target), "--force"), str(target))
+    assert target.read_text() == "x"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes through chmod")
+def test_read_only_parent_is_one_line_from_the_cli(demo, tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        _one_line_error(_cli(demo, "--format", "voc", "--out", str(parent / "out")), str(parent))
+        assert list(parent.iterdir()) == []
+    finally:
+        parent.chmod(0o755)
+
+
+def test_busy_target_is_an_export_error_naming_it(demo, tmp_path, monkeypatch):
+    import pipeline.export as export
+
+    out = tmp_path / "out"
+    _export(demo, out, ["voc"])
+
+    def busy(tmp, target):
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(target))
+
+    monkeypatch.setattr(export, "_publish", busy)
+    with pytest.raises(ExportError) as e:
+        _export(demo, out, ["voc"], force=True)
+    assert str(out) in str(e.value) and "busy" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the partial folder is gone
+    _one_line_error(_cli(demo, "--format", "voc", "--out", str(out), "--force"), str(out), "busy")
+
+
+def test_cli_error_has_no_traceback_and_a_non_zero_exit(demo, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "--format", "voc", "--out",
+                          str(blocker / "out"), "--store", str(demo["store"]), "--prepared",
+                          str(demo["root"] / "prepared"), "--params", str(demo["root"] / "params.yaml")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wsss export: error: ") and str(blocker) in lines[0], res.stderr

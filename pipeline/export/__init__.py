@@ -84,6 +84,17 @@ def _previous_export(folder: Path) -> str | None:
     return None
 
 
+def _check_writable(out_dir: Path) -> None:
+    """Refuse before any work when the folder that receives ``out_dir`` cannot be made or written."""
+    parent = out_dir.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(f"export target {out_dir}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"export target {out_dir}: no write permission in {parent}")
+
+
 def _check_target(out_dir: Path, force: bool, protected: Sequence[Path]) -> None:
     """Refuse a target that is a file, holds / is an input or the cwd, or is a non-empty folder
     other than a previous export (that one only with force). Raises ExportError naming the folder."""
@@ -106,6 +117,12 @@ def _check_target(out_dir: Path, force: bool, protected: Sequence[Path]) -> None
         if not empty and not force:
             raise ExportError(f"export target {out_dir} is not empty (a previous export); pass --force "
                               "(force=True) to replace it")
+    _check_writable(out_dir)
+
+
+def _os_reason(e: OSError) -> str:
+    """``[Errno 16] Device or resource busy`` -> ``device or resource busy`` (the path is named by the caller)."""
+    return (e.strerror or str(e)).lower()
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
@@ -216,8 +233,11 @@ def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_par
                 "method": store.attrs.get("method")},
         created=utc_now(),
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    except OSError as e:
+        raise ExportError(f"export target {out_dir}: cannot write in {out_dir.parent}: {_os_reason(e)}") from e
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the published folder gets normal permissions
@@ -252,7 +272,11 @@ def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_par
             log.info("export %s: %d images in %.2f s, %.0f bytes/image", fmt, len(store.ids), seconds,
                      summary["formats"][fmt]["bytes_per_image"])
         summary["label_quality"] = label_quality()
-        _publish(tmp, out_dir)
+        try:
+            _publish(tmp, out_dir)
+        except OSError as e:
+            raise ExportError(f"export target {out_dir} cannot be replaced (busy or read-only?): "
+                              f"{_os_reason(e)}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
