@@ -10,6 +10,12 @@ import numpy as np
 from pipeline.store import IGNORE_INDEX
 
 
+def percent(value) -> float | None:
+    """A fraction as a JSON-ready percentage (2 decimals), or None when it is NaN / infinite (not measured)."""
+    value = float(value)
+    return round(100 * value, 2) if np.isfinite(value) else None
+
+
 class ConfusionMatrix:
     """Accumulates a (C, C) confusion matrix; rows = ground truth, columns = prediction.
 
@@ -86,14 +92,21 @@ class ConfusionMatrix:
         total = self.matrix.sum()
         return float(np.trace(self.matrix) / total) if total else float("nan")
 
+    @property
+    def has_ground_truth(self) -> bool:
+        """Whether any GT-labelled pixel (not 255) was scored: without one there is nothing to measure."""
+        return self.valid > 0
+
     def summary(self, class_names: Sequence[str]) -> dict:
-        """JSON-ready dict: miou, pixel_accuracy, coverage and per-class iou/precision/recall (in %)."""
+        """JSON-ready dict: ground_truth (whether any GT pixel was scored), miou, pixel_accuracy, coverage
+        and per-class iou/precision/recall (in %). Figures that cannot be measured (no GT) are None."""
         def per_class(values):
-            return {n: (None if not np.isfinite(v) else round(100 * float(v), 2)) for n, v in zip(class_names, values)}
+            return {n: percent(v) for n, v in zip(class_names, values)}
 
         return {
-            "miou": round(100 * self.miou(), 2),
-            "pixel_accuracy": round(100 * self.pixel_accuracy(), 2),
+            "ground_truth": self.has_ground_truth,
+            "miou": percent(self.miou()),
+            "pixel_accuracy": percent(self.pixel_accuracy()),
             "coverage": round(100 * (1 - self.unlabelled / self.valid), 2) if self.valid else None,
             "per_class_iou": per_class(self.per_class_iou()),
             "per_class_precision": per_class(self.precision()),

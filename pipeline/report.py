@@ -33,6 +33,21 @@ def merge_label_metrics(metric_files: dict[str, str | Path]) -> dict:
     return out
 
 
+def measured(metrics: dict | None) -> bool:
+    """Whether a stage's metrics hold numbers: False when the stage did not run or had no ground truth."""
+    return bool(metrics) and metrics.get("ground_truth", True) is not False and metrics.get("miou") is not None
+
+
+NO_GROUND_TRUTH = ("No ground truth: the dataset has no GT masks for these images, so no stage is scored (no mIoU, "
+                   "coverage or accuracy); the labels and the segmenter were still made, see the galleries.")
+
+
+def ground_truth_note(stages: dict[str, dict | None]) -> str | None:
+    """:data:`NO_GROUND_TRUTH` when none of the stages that ran was scored against GT, else None."""
+    ran = [m for m in stages.values() if m]
+    return NO_GROUND_TRUTH if ran and not any(measured(m) for m in ran) else None
+
+
 def stage_rows(labels: dict, segmenter: dict | None, upper_bound: dict | None, train_split: str = "train",
                eval_split: str = "val") -> list[dict]:
     """One row per stage that has metrics: {"stage", "label", "split", "miou", "coverage", "pixel_accuracy"}."""
@@ -54,7 +69,7 @@ def per_class_table(stages: dict[str, dict | None]) -> tuple[list[str], dict[str
     names: list[str] = []
     table = {}
     for stage, m in stages.items():
-        if not m or "per_class_iou" not in m:
+        if not measured(m) or "per_class_iou" not in m:
             continue
         table[stage] = dict(m["per_class_iou"])
         names += [n for n in m["per_class_iou"] if n not in names]

@@ -14,8 +14,8 @@ from pipeline.compute import resolve_device, set_torch_threads
 from pipeline.datasets import PreparedData
 from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
-from pipeline.report import (LABEL_STAGES, gallery, merge_label_metrics, per_class_bars, per_class_table, read_json,
-                             stage_bars, stage_rows, write_report)
+from pipeline.report import (LABEL_STAGES, gallery, ground_truth_note, merge_label_metrics, per_class_bars,
+                             per_class_table, read_json, stage_bars, stage_rows, write_report)
 from pipeline.segment import load_segmenter, predict_mask, predict_store, score_store
 from pipeline.store import Store, StoreError
 from pipeline.visual import colourise, heatmap
@@ -61,7 +61,8 @@ def main() -> None:
         metrics = {**cm.summary(names), "split": data["eval_split"], "images": len(ids), "trained_on": ckpt["labels"],
                    "eval": {k: seg[k] for k in ("eval_scales", "eval_flip", "eval_crf")}}
         t["n"] = len(ids)
-        t["extra"] = f"segmenter (trained on {ckpt['labels']}) {data['eval_split']} mIoU {metrics['miou']}%"
+        t["extra"] = (f"segmenter (trained on {ckpt['labels']}) {data['eval_split']} "
+                      + (f"mIoU {metrics['miou']}%" if metrics["ground_truth"] else "not scored: no ground truth"))
     write_json(SEG_METRICS, metrics)
     if ckpt["labels"] == "gt":
         write_json(UPPER_BOUND, metrics)
@@ -105,7 +106,7 @@ def main() -> None:
                   ("random walk", col_mask("rw", "mask")), ("segmenter", col_pred), ("GT", col_gt)]
     g1 = gallery(prepared.ids(data["train_split"])[:n], train_cols, REPORTS / "gallery_train.png")
     g2 = gallery(ids[:n], [("image", col_image), ("segmenter", col_pred), ("GT", col_gt)], REPORTS / "gallery_eval.png")
-    stage_png = stage_bars(rows, REPORTS / "stages.png") if rows else None
+    stage_png = stage_bars(rows, REPORTS / "stages.png") if any(r["miou"] is not None for r in rows) else None
     per_class_stages = {key: labels.get(key) for key, _, _ in LABEL_STAGES}
     per_class_stages["segmenter"] = seg_row
     per_class_stages["upper_bound"] = upper
@@ -126,6 +127,9 @@ def main() -> None:
                                 f"unknown; run `dvc exp run -S seg.labels=gt` once to write {UPPER_BOUND}."),
              "Coverage = share of GT-labelled pixels the stage labels (CRF seeds leave unsure pixels at 255; mIoU is "
              "over the labelled ones)."]
+    no_gt = ground_truth_note({**{key: labels.get(key) for key, _, _ in LABEL_STAGES}, "segmenter": metrics})
+    if no_gt:
+        notes.insert(0, no_gt)
     write_report(REPORTS, title=f"WSSS run report: {prepared.index.get('dataset')}", rows=rows, class_names=names,
                  per_class=pc_table, figures=figures, notes=notes,
                  details={"segmenter": {k: v for k, v in metrics.items() if not k.startswith("per_class_p")

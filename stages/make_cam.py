@@ -1,7 +1,7 @@
 """Stage make_cam: classifier + train images -> data/cams.zarr, metrics/cam.json, plots/cam/{threshold_curve.csv, gallery.png}."""
 import csv
 
-from pipeline.cam.run import evaluate_cam_store, file_digest, gallery_picture, make_cam_store
+from pipeline.cam.run import evaluate_cam_store, file_digest, gallery_picture, gallery_threshold, make_cam_store
 from pipeline.compute import resolve_device, set_torch_threads
 from pipeline.datasets import PreparedData
 from pipeline.metrics import write_json
@@ -30,7 +30,8 @@ def main() -> None:
         t["n"] = metrics["images"]
         b = metrics["baselines"]
         t["extra"] = (f"CAM mIoU {metrics['miou']} at threshold {metrics['best_threshold']} "
-                      f"(all background {b['all_background']['miou']}, top label {b['top_label']['miou']})")
+                      f"(all background {b['all_background']['miou']}, top label {b['top_label']['miou']})"
+                      if metrics["ground_truth"] else "no ground truth: CAMs not scored")
     write_json("metrics/cam.json", metrics)
     curve = PLOTS / "cam" / "threshold_curve.csv"
     curve.parent.mkdir(parents=True, exist_ok=True)
@@ -39,7 +40,7 @@ def main() -> None:
         w.writerow(["threshold", "miou"])
         for row in metrics["curve"]:
             w.writerow([row["threshold"], row["miou"]])
-    picture = gallery_picture(prepared, store, params["data"]["gallery_ids"], metrics["best_threshold"])
+    picture = gallery_picture(prepared, store, params["data"]["gallery_ids"], gallery_threshold(metrics, params["cam"]))
     if picture is not None:
         save_png(PLOTS / "cam" / "gallery.png", picture)
 

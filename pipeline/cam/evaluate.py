@@ -11,7 +11,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from pipeline.metrics import ConfusionMatrix
+from pipeline.metrics import ConfusionMatrix, percent
 
 
 def threshold_range(lo: float, hi: float, step: float) -> list[float]:
@@ -67,22 +67,33 @@ class ThresholdSweep:
         self.baselines["top_label"].update(np.full_like(gt, top_label), gt)
         self.images += 1
 
-    def curve(self) -> list[dict]:
-        return [{"threshold": t, "miou": round(100 * cm.miou(), 2)} for t, cm in zip(self.thresholds, self.matrices)]
+    @property
+    def has_ground_truth(self) -> bool:
+        """Whether any scored image had a GT-labelled pixel (else there is no best threshold)."""
+        return self.baselines["all_background"].has_ground_truth
 
-    def best(self) -> tuple[float, ConfusionMatrix]:
+    def curve(self) -> list[dict]:
+        """[{"threshold", "miou"}] (empty without ground truth: nothing was measured)."""
+        if not self.has_ground_truth:
+            return []
+        return [{"threshold": t, "miou": percent(cm.miou())} for t, cm in zip(self.thresholds, self.matrices)]
+
+    def best(self) -> tuple[float | None, ConfusionMatrix]:
+        """(best threshold, its matrix); the threshold is None without ground truth."""
         scores = [cm.miou() for cm in self.matrices]
         i = int(np.nanargmax(scores)) if np.isfinite(scores).any() else 0
-        return self.thresholds[i], self.matrices[i]
+        return (self.thresholds[i] if self.has_ground_truth else None), self.matrices[i]
 
     def summary(self, class_names: Sequence[str]) -> dict:
-        """ConfusionMatrix.summary at the best threshold + best_threshold + curve + baselines."""
+        """ConfusionMatrix.summary at the best threshold + best_threshold + curve + baselines.
+
+        Without ground truth: ``ground_truth`` False, and every figure (best_threshold included) None."""
         thr, cm = self.best()
         out = cm.summary(class_names)
         out["best_threshold"] = thr
         out["images"] = self.images
         out["curve"] = self.curve()
-        out["baselines"] = {name: {"miou": round(100 * b.miou(), 2), "pixel_accuracy": round(100 * b.pixel_accuracy(), 2)}
+        out["baselines"] = {name: {"miou": percent(b.miou()), "pixel_accuracy": percent(b.pixel_accuracy())}
                             for name, b in self.baselines.items()}
         return out
 

@@ -112,12 +112,23 @@ def evaluate_cam_store(prepared, store: Store, model: CamClassifier, logits_by_i
                 logits = predict_scores(model, [prepared.image(image_id)], device)[0]
             full = cams_to_image(store.read("cam", i).astype(np.float32), gt.shape, stride)
             sweep.update(full, gt, top_label(prepared.labels(image_id), logits))
-    if sweep.images == 0:
-        raise ValueError(f"{store.path}: no image of split {store.attrs.get('split')!r} has ground truth to evaluate CAMs on")
     out = sweep.summary(prepared.class_names)
     out["method"] = cam["method"]
     out["split"] = store.attrs.get("split")
+    if not out["ground_truth"]:  # GT is optional: the CAMs are written, there is just nothing to score them on
+        out["note"] = (f"no ground truth: no image of split {out['split']!r} has a GT mask, so the CAMs are not "
+                       f"scored and there is no best threshold")
+        log.info("make_cam: %s", out["note"])
     return out
+
+
+def gallery_threshold(metrics: dict, cam: dict) -> float:
+    """The threshold the CAM gallery's pseudo labels use: the sweep's best, or without ground truth
+    (no best) the middle of the swept range (the gallery's column title shows it)."""
+    if metrics.get("best_threshold") is not None:
+        return float(metrics["best_threshold"])
+    grid = threshold_range(cam["eval_thr_min"], cam["eval_thr_max"], cam["eval_thr_step"])
+    return grid[len(grid) // 2]
 
 
 def gallery_picture(prepared, store: Store, count: int, threshold: float) -> np.ndarray | None:
