@@ -8,6 +8,7 @@ mirrors it so DVC can track each key.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,8 @@ def _check_value(key: str, p: P, value: Any) -> Any:
         value = float(value)
     if p.kind is int and isinstance(value, bool) or not isinstance(value, p.kind):
         raise ParamsError(f"param {key}: expected {p.kind.__name__}, got {type(value).__name__} ({value!r})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParamsError(f"param {key}: {value!r} is not a finite number")
     if p.kind is list:
         if not value:
             raise ParamsError(f"param {key}: must not be empty")
@@ -258,8 +261,10 @@ def _check_value(key: str, p: P, value: Any) -> Any:
         for v in value:
             if p.item is float and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
-            if not isinstance(v, p.item):
+            if not isinstance(v, p.item) or p.item is int and isinstance(v, bool):
                 raise ParamsError(f"param {key}: items must be {p.item.__name__}, got {v!r}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ParamsError(f"param {key}: item {v!r} is not a finite number")
             cast.append(v)
         value = cast
     if p.choices is not None and value not in p.choices and not p.free_text:
@@ -296,12 +301,38 @@ def validate(raw: dict, source: str = "params") -> dict[str, dict[str, Any]]:
     if out["cam"]["eval_thr_min"] > out["cam"]["eval_thr_max"]:
         raise ParamsError("param cam.eval_thr_min: must not exceed cam.eval_thr_max")
     s = out["seg"]
-    if any(r < 1 for r in s["aspp_rates"]) or any(v <= 0 for v in s["eval_scales"]):
-        raise ParamsError("param seg.aspp_rates / seg.eval_scales: values must be positive")
+    if any(r < 1 for r in s["aspp_rates"]):
+        raise ParamsError(f"param seg.aspp_rates: rates must be >= 1, got {s['aspp_rates']}")
+    for key, values in (("seg.eval_scales", s["eval_scales"]), ("cam.scales", out["cam"]["scales"])):
+        if any(v <= 0 for v in values):
+            raise ParamsError(f"param {key}: scales must be positive, got {values}")
     for fmt in out["export"]["formats"]:
         if fmt not in ("voc", "coco", "zarr"):
             raise ParamsError(f"param export.formats: unknown format {fmt!r}; known: voc, coco, zarr")
+    _check_registered(out)
     return out
+
+
+# params whose value names a registered part (built-in, entry-point plugin or dotted path)
+REGISTERED = {"cam.backbone": "BACKBONES", "seg.backbone": "BACKBONES", "cam.method": "CAM_METHODS",
+              "crf.mode": "REFINERS"}
+
+
+def _check_registered(params: dict) -> None:
+    """Resolve every name in REGISTERED now, so a typo or a broken plugin fails at load naming the
+    key, not in the stage that first builds it."""
+    import pipeline.cam.methods  # noqa: F401  (registers the built-ins)
+    import pipeline.models.backbones  # noqa: F401
+    import pipeline.refine.seeds  # noqa: F401
+    from pipeline import registry
+
+    for key, reg_name in REGISTERED.items():
+        ns, name = key.split(".")
+        value = params[ns][name]
+        try:
+            getattr(registry, reg_name).get(value)
+        except Exception as e:
+            raise ParamsError(f"param {key}: {value!r} cannot be used: {e}") from e
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, dict[str, Any]]:

@@ -8,14 +8,16 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets import DatasetError, open_dataset
-from pipeline.store import ArraySpec, IGNORE_INDEX, write_store
+from pipeline.store import ArraySpec, IGNORE_INDEX, replace_dir, write_store
 from pipeline.visual import grid, overlay, save_png
 
 
-def prepare_dataset(data: dict, out_dir: str | Path, shard_images: int = 32) -> dict:
+def prepare_dataset(data: dict, out_dir: str | Path, shard_images: int = 32, source: dict | None = None) -> dict:
     """Build ``out_dir`` atomically (``<out_dir>.partial`` then rename). Returns a summary dict.
 
-    Layout: index.json, gt.zarr, skipped.json and, for the demo, demo/ (VOC layout).
+    Layout: index.json, gt.zarr, skipped.json and, for the demo, demo/ (VOC layout). ``source``: the
+    dataset files' digest (:func:`pipeline.provenance.dataset_digest`), recorded in index.json so
+    every resume fingerprint downstream changes when the files do.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
@@ -43,7 +45,7 @@ def prepare_dataset(data: dict, out_dir: str | Path, shard_images: int = 32) -> 
         "dataset": data["dataset"], "root": str(out_dir / "demo" if data["dataset"] == "demo" else ds.root),
         "class_names": ds.class_names,
         "palette": ds.palette.tolist(), "splits": splits, "items": items,
-        "num_skipped": len(skipped),
+        "num_skipped": len(skipped), "source_digest": (source or {}).get("digest"),
     }
     (tmp / "index.json").write_text(json.dumps(index))
     (tmp / "skipped.json").write_text(json.dumps(skipped, indent=1))
@@ -60,9 +62,7 @@ def prepare_dataset(data: dict, out_dir: str | Path, shard_images: int = 32) -> 
     write_store(tmp / "gt.zarr", all_ids, sizes, {"mask": ArraySpec("uint8", fill=IGNORE_INDEX)},
                 {"kind": "ground_truth", "class_names": ds.class_names, "stride": 1}, gt_batch,
                 shard_images=shard_images, progress="gt.zarr")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    replace_dir(tmp, out_dir)
     return {"dataset": data["dataset"], "images": {s: len(v) for s, v in splits.items()}, "skipped": len(skipped),
             "classes": len(ds.class_names) - 1}
 

@@ -87,19 +87,23 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def train_segmenter(model: torch.nn.Module, train_set: SegTrainSet, seg: dict, device: torch.device,
-                    seed: int = 0, resume_path: str | Path | None = None, labels_digest: str = "") -> list[dict]:
+                    seed: int = 0, resume_path: str | Path | None = None,
+                    inputs: dict[str, str] | None = None) -> list[dict]:
     """Train ``model`` in place on ``train_set`` with the ``seg`` params; returns per-epoch history.
 
     ``resume_path``: per-epoch resume checkpoint (:class:`pipeline.training.ResumePoint`), keyed by
-    the seg params, seed, ids and ``labels_digest`` (what identifies the training masks)."""
+    the seg params, seed, ids, the initial weights, the code and ``inputs``: what identifies the
+    training masks (``labels``: the pseudo-mask store's fingerprint, or the GT's) and the ``prepared`` data."""
+    from pipeline.provenance import state_digest
+
     model = to_device(model, device)
     groups = param_groups(model.backbone, model.head, seg["lr"], seg["weight_decay"], seg["head_lr_mult"])
     optimizer = torch.optim.SGD(groups, lr=seg["lr"], momentum=0.9, weight_decay=seg["weight_decay"])
     gen = torch.Generator().manual_seed(seed)
     resume = None
     if resume_path:
-        resume = ResumePoint(resume_path, fingerprint(dict(seg), seed, train_set.ids, labels_digest), "train_seg",
-                             generator=gen)
+        resume = ResumePoint(resume_path, fingerprint(dict(seg), seed, train_set.ids), "train_seg", generator=gen,
+                             inputs={**(inputs or {}), "initial_weights": state_digest(model)})
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=seg["batch_size"], shuffle=True, generator=gen, num_workers=seg["num_workers"],
         drop_last=len(train_set) > seg["batch_size"], pin_memory=device.type == "cuda",
@@ -169,6 +173,10 @@ def predict_mask(model: torch.nn.Module, image: np.ndarray, device: torch.device
 def predict_store(model: torch.nn.Module, prepared, ids: Sequence[str], path: str | Path, device: torch.device,
                   seg: dict, crf: dict | None, attrs: dict, shard_images: int = 32) -> Path:
     """Predict every image of ``ids`` into a mask store at ``path`` (array "mask", 255-free)."""
+    from pipeline.provenance import prepared_digest, state_digest
+
+    attrs = {**attrs, "inputs": {**attrs.get("inputs", {}), "segmenter": state_digest(model),
+                                 "prepared": prepared_digest(prepared.dir)}}
     model = to_device(model, device).eval()
 
     def compute(indices):

@@ -14,14 +14,23 @@ Every per-image array is chunked one image (and one channel) per chunk and shard
 per-image random access and chunks that are all fill (absent classes, padding) cost nothing.
 
 Writes are atomic per stage: a writer fills ``<path>.partial`` shard by shard and
-:meth:`StoreWriter.commit` renames it to ``<path>``. An interrupted run leaves only the
-``.partial`` folder; re-running with the same fingerprint resumes past finished shards.
+:meth:`StoreWriter.commit` renames it to ``<path>`` (an older store is first renamed aside, then
+deleted, so a kill never leaves a half-deleted store under the final name). An interrupted run
+leaves only the ``.partial`` folder; a re-run resumes past finished shards only when the
+fingerprint is the same: params, ids, sizes, the code (``pipeline.provenance.code_digest``) and the
+``inputs`` the caller names in ``attrs["inputs"]`` (checkpoint digests, input stores' fingerprints,
+the prepared data). Anything else discards the partial result, with a log line saying what changed.
+
+A committed store lists the shard files it wrote (``shard_files``); reading an image whose shard
+file is missing, or that zarr cannot decode, raises :class:`StoreError` naming the store and image.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +42,8 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 IGNORE_INDEX = 255
 FORMAT_VERSION = 1
+
+log = logging.getLogger("wsss")
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,23 @@ def _partial(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+def replace_dir(new: str | Path, final: str | Path) -> Path:
+    """Publish folder ``new`` as ``final``. An existing ``final`` is renamed aside first (atomic) and
+    deleted after, so at every instant ``final`` is either the old complete folder, absent, or the
+    new complete folder, never a half-deleted one. Leftover ``.old-*`` folders of killed runs go too."""
+    new, final = Path(new), Path(final)
+    for stale in final.parent.glob(final.name + ".old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        final.rename(old)
+    new.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 class StoreWriter:
     """Writes a store batch-by-batch into ``<path>.partial``; ``commit()`` publishes it.
 
@@ -111,6 +139,9 @@ class StoreWriter:
         self.shard_images = int(shard_images)
         n = len(self.ids)
         self.n_shards = max(1, math.ceil(n / self.shard_images))
+        from pipeline.provenance import code_digest
+
+        attrs = dict(attrs, inputs={**attrs.get("inputs", {}), "code": code_digest()})
         fp = fingerprint(FORMAT_VERSION, self.ids, self.sizes.tolist(), attrs, {k: vars(s) for k, s in self.specs.items()}, self.shard_images)
         self.attrs = dict(attrs, ids=self.ids, fingerprint=fp, format_version=FORMAT_VERSION,
                           ignore_index=IGNORE_INDEX, shard_images=self.shard_images,
@@ -119,12 +150,17 @@ class StoreWriter:
         if resume and self.tmp.exists():
             try:
                 g = zarr.open_group(str(self.tmp), mode="r+")
-                if g.attrs.get("fingerprint") == fp:
+                old = dict(g.attrs)
+            except Exception as e:  # a half-created group: start over
+                log.warning("%s: cannot resume from %s (%s: %s); starting over", self.path.name, self.tmp,
+                            type(e).__name__, e)
+            else:
+                if old.get("fingerprint") == fp:
                     self.group = g
                     self.resumed_shards = int(np.asarray(g["shard_done"][:]).sum())
                     return
-            except Exception:  # a half-created group: start over
-                pass
+                log.info("%s: discarding the partial result in %s: made from other %s", self.path.name, self.tmp,
+                         _what_changed(old, self.attrs))
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.group = self._create(n)
@@ -178,10 +214,22 @@ class StoreWriter:
         """Check every shard is written, then atomically publish ``<path>``."""
         if self.pending_shards():
             raise StoreError(f"{self.path}: cannot commit, shards {self.pending_shards()} are not written")
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.tmp.rename(self.path)
-        return self.path
+        self.group.attrs["shard_files"] = {name: _shard_files(self.tmp, name) for name in self.specs}
+        return replace_dir(self.tmp, self.path)
+
+
+def _what_changed(old: dict, new: dict) -> str:
+    """The fingerprint inputs that differ between two stores' attrs, e.g. ``inputs.code, params``."""
+    from pipeline.provenance import describe_change
+
+    keys = [k for k in set(old) | set(new) if k not in ("fingerprint", "shard_files")]
+    return describe_change({k: old.get(k) for k in keys}, {k: new.get(k) for k in keys})
+
+
+def _shard_files(store_dir: Path, name: str) -> list[int]:
+    """Image-axis indices of the shard files an array has on disk (shards that are all fill have none)."""
+    base = store_dir / name / "c"
+    return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit()) if base.is_dir() else []
 
 
 class Store:
@@ -210,14 +258,31 @@ class Store:
             raise StoreError(f"{self.path}: no image {image_id!r}") from None
 
     def read(self, name: str, image: int | str) -> np.ndarray:
-        """The array ``name`` of one image, cropped to its true grid: (H, W) or (C, H, W)."""
+        """The array ``name`` of one image, cropped to its true grid: (H, W) or (C, H, W).
+
+        Raises StoreError naming the store and the image when its shard file is missing or unreadable
+        (zarr alone would return fill values)."""
         i = self.index(image) if isinstance(image, str) else int(image)
         spec = self.specs[name]
         gh, gw = spec.grid(self.sizes[i])
-        z = self.group[name]
-        if spec.channels is None:
-            return np.asarray(z[i, :gh, :gw])
-        return np.asarray(z[i, :, :gh, :gw])
+        per_shard = int(self.attrs.get("shard_images", 1))
+        shard = i // per_shard
+        key = "/".join([name, "c", str(shard)] + ["0"] * (2 if spec.channels is None else 3))
+        if shard in self._expected_shards(name) and not (self.path / key).is_file():
+            raise StoreError(f"{self.path}: shard file {key} is missing (images "
+                             f"{self.ids[shard * per_shard:(shard + 1) * per_shard]}); re-run the stage that writes it")
+        try:
+            z = self.group[name]
+            return np.asarray(z[i, :gh, :gw] if spec.channels is None else z[i, :, :gh, :gw])
+        except Exception as e:
+            raise StoreError(f"{self.path}: cannot read array {name!r} of image {self.ids[i]!r} "
+                             f"(shard file {key}): {type(e).__name__}: {e}") from e
+
+    def _expected_shards(self, name: str) -> frozenset:
+        cache = self.__dict__.setdefault("_shard_sets", {})
+        if name not in cache:
+            cache[name] = frozenset(self.attrs.get("shard_files", {}).get(name, ()))
+        return cache[name]
 
     def iter(self, name: str, indices: Iterable[int] | None = None):
         for i in range(len(self.ids)) if indices is None else indices:

@@ -3,9 +3,11 @@ per-epoch resume checkpoint so an interrupted training stage continues where it 
 
 All three training stages (train_cam, train_aff, train_seg) run :func:`train_loop`. With a
 :class:`ResumePoint` it writes model, optimizer, RNG states and history after every epoch; a re-run
-with the same fingerprint (the settings that shape the result) restores them and finishes with the
-same weights as an uninterrupted run. The stage deletes the resume file once the final checkpoint
-is saved; a file made with other settings is ignored (and logged).
+with the same fingerprint restores them and finishes with the same weights as an uninterrupted run.
+The fingerprint covers the settings that shape the result, the code (``provenance.code_digest``)
+and the ``inputs`` (prepared data, initial weights, training labels); a file made from anything
+else is ignored, with a log line naming what changed. The stage deletes the resume file once the
+final checkpoint is saved.
 """
 from __future__ import annotations
 
@@ -60,20 +62,35 @@ def images_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 class ResumePoint:
     """The per-epoch resume checkpoint of one training run (see the module docstring).
 
-    ``fingerprint``: a string that changes whenever a setting that shapes the result changes.
+    ``settings``: a digest of the params that shape the result.
+    ``inputs``: name -> digest of everything else the run reads (``prepared`` data, initial
+    ``weights``, training ``labels``, ...); the code's digest is added here.
     ``generator``: the DataLoader's shuffling generator, whose state is saved and restored too.
     """
 
-    def __init__(self, path: str | Path, fingerprint: str, desc: str, generator: torch.Generator | None = None):
-        self.path, self.fingerprint, self.desc, self.generator = Path(path), fingerprint, desc, generator
+    def __init__(self, path: str | Path, settings: str, desc: str, generator: torch.Generator | None = None,
+                 inputs: dict[str, str] | None = None):
+        from pipeline.provenance import code_digest
+        from pipeline.store import fingerprint
+
+        self.path, self.desc, self.generator = Path(path), desc, generator
+        self.basis = {"settings": settings, **(inputs or {}), "code": code_digest()}
+        self.fingerprint = fingerprint(self.basis)
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[dict], int]:
         """Load a matching checkpoint into ``model`` and ``optimizer``; return (history so far, epochs done)."""
+        from pipeline.provenance import describe_change
+
         if not self.path.is_file():
             return [], 0
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated by a full disk or a kill outside save_checkpoint's rename
+            log.warning("%s: cannot read %s (%s: %s); starting over", self.desc, self.path, type(e).__name__, e)
+            return [], 0
         if state.get("fingerprint") != self.fingerprint:
-            log.info("%s: %s was made with other settings; starting over", self.desc, self.path)
+            log.info("%s: discarding %s: made from other %s; starting over", self.desc, self.path,
+                     describe_change(state.get("basis") or {}, self.basis))
             return [], 0
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -88,7 +105,7 @@ class ResumePoint:
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, history: list[dict], epoch: int) -> None:
         save_checkpoint(self.path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history, "epoch": epoch,
-            "fingerprint": self.fingerprint, "torch_rng": torch.get_rng_state(),
+            "fingerprint": self.fingerprint, "basis": self.basis, "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "generator_rng": self.generator.get_state() if self.generator is not None else None})
 
@@ -151,12 +168,17 @@ def train_loop(model: torch.nn.Module, loader, step_fn: Callable[[dict], torch.T
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """torch.save to a temp name, then rename (a killed run never leaves a truncated checkpoint)."""
+    """torch.save to a temp name, then rename (a killed run never leaves a truncated checkpoint).
+    A failed write (full disk, read-only folder) removes the temp file and raises OSError naming the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    try:
+        torch.save(state, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write checkpoint {path}: {e}") from e
     return path
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from pipeline.config import load_params
 from pipeline.progress import setup_logging
 
+DATASET_DIGEST = Path("data/dataset_digest.json")
+DIGEST_CACHE = Path("data/.dataset_digest_cache.json")  # (size, mtime) -> sha256 of each dataset file
 PREPARED = Path("data/prepared")
 CAM_MODEL = Path("models/cam")
 CAMS = Path("data/cams.zarr")

@@ -3,14 +3,16 @@ from pipeline.datasets import PreparedData
 from pipeline.metrics import write_json
 from pipeline.prepare import class_statistics, prepare_dataset, save_contact_sheet
 from pipeline.progress import stage_timer
-from stages.common import PLOTS, PREPARED, start
+from pipeline.provenance import dataset_digest
+from stages.common import DIGEST_CACHE, PLOTS, PREPARED, start
 
 
 def main() -> None:
     params = start("prepare")
     data = params["data"]
     with stage_timer("prepare") as t:
-        summary = prepare_dataset(data, PREPARED, shard_images=params["compute"]["shard_images"])
+        summary = prepare_dataset(data, PREPARED, shard_images=params["compute"]["shard_images"],
+                                  source=dataset_digest(data, cache_file=DIGEST_CACHE))
         t["n"] = sum(summary["images"].values())
         t["extra"] = f"{summary['skipped']} skipped (see {PREPARED / 'skipped.json'})"
     prepared = PreparedData(data, PREPARED)

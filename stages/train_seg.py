@@ -5,6 +5,7 @@ from pipeline.compute import resolve_device, seed_everything, set_torch_threads
 from pipeline.datasets import PreparedData
 from pipeline.models.segmenter import build_segmenter
 from pipeline.progress import stage_timer
+from pipeline.provenance import prepared_digest
 from pipeline.segment import SegTrainSet, mask_source, save_segmenter, train_segmenter
 from pipeline.store import Store
 from pipeline.training import clear_resume
@@ -25,8 +26,9 @@ def main() -> None:
     train_set = SegTrainSet(prepared, ids, masks, seg["crop_size"], seg["scale_min"], seg["scale_max"], compute["seed"])
     model = build_segmenter(prepared.num_classes, seg)
     with stage_timer("train_seg") as t:
-        labels_digest = Store(PSEUDO).attrs.get("fingerprint") if seg["labels"] == "pseudo" else "gt"
-        history = train_segmenter(model, train_set, seg, device, compute["seed"], RESUME, labels_digest)
+        labels = Store(PSEUDO).attrs.get("fingerprint") if seg["labels"] == "pseudo" else "gt"
+        history = train_segmenter(model, train_set, seg, device, compute["seed"], RESUME,
+                                  {"labels": labels, "prepared": prepared_digest(PREPARED)})
         t["n"] = len(ids) * seg["epochs"]
         t["extra"] = f"labels {seg['labels']}, {seg['epochs']} epochs on {device}, final loss {history[-1]['loss']:.4f}"
     save_segmenter(SEG_MODEL / "segmenter.pt", model, seg, prepared.class_names, seg["labels"], history)

@@ -146,7 +146,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, caplog):
         torch.manual_seed(0)
         ds = dataset_cls(data, data.ids(), data.masks.__getitem__, seg["crop_size"], 0.8, 1.2, seed=1)
         model = build_segmenter(3, seg)
-        return model, train_segmenter(model, ds, seg, torch.device("cpu"), 1, resume, labels)
+        return model, train_segmenter(model, ds, seg, torch.device("cpu"), 1, resume, {"labels": labels})
 
     straight, _ = run(SegTrainSet)
     resume = tmp_path / "resume.pt"
@@ -160,4 +160,4 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, caplog):
     # other training labels: the resume file (now at epoch 3) is ignored and training starts over
     with caplog.at_level("INFO", logger="wsss"):
         run(SegTrainSet, resume, labels="other-masks")
-    assert "made with other settings" in caplog.text and "train_seg epoch 1/3" in caplog.text
+    assert "made from other labels" in caplog.text and "train_seg epoch 1/3" in caplog.text

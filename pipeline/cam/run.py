@@ -1,7 +1,6 @@
 """What the train_cam and make_cam stages do, as functions of params, data and paths (the stages pick the paths)."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -16,18 +15,11 @@ from pipeline.cam.methods import build_method
 from pipeline.cam.train import ClassificationSet, mean_average_precision, predict_scores, train_classifier
 from pipeline.models.classifier import CamClassifier, save_classifier
 from pipeline.progress import progress_bar
+from pipeline.provenance import file_digest, prepared_digest  # noqa: F401 (file_digest: used by stages/make_cam)
 from pipeline.store import ArraySpec, Store, write_store
 from pipeline.training import clear_resume
 
 log = logging.getLogger("wsss")
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- train_cam
@@ -43,7 +35,8 @@ def train_and_save(prepared, params: dict, device: torch.device, checkpoint: Pat
     ds = ClassificationSet(prepared.image, ids, [prepared.label_vector(i) for i in ids], cam["crop_size"],
                            cam["scale_min"], cam["scale_max"], seed)
     model, history = train_classifier(ds, cam, prepared.num_classes - 1, device, seed,
-                                      num_workers=cam["num_workers"], resume_path=resume)
+                                      num_workers=cam["num_workers"], resume_path=resume,
+                                      inputs={"prepared": prepared_digest(prepared.dir)})
     save_classifier(checkpoint, model, cam["backbone"], prepared.class_names, cam)
     clear_resume(resume)
     metrics = {"train_images": len(ids), "epochs": cam["epochs"], "final_loss": round(history[-1]["loss"], 5),
@@ -88,7 +81,8 @@ def make_cam_store(prepared, model: CamClassifier, meta: dict, params: dict, dev
 
     attrs = {"class_names": list(prepared.class_names), "stride": cam["stride"], "method": cam["method"],
              "params": dict(cam), "split": data["train_split"], "backbone": meta["backbone"],
-             "classifier": classifier_digest}
+             "classifier": classifier_digest,
+             "inputs": {"classifier": classifier_digest, "prepared": prepared_digest(prepared.dir)}}
     path = write_store(out, ids, sizes, {"cam": cam_spec(cam["stride"], prepared.num_classes - 1)}, attrs, compute,
                        shard_images=params["compute"]["shard_images"], progress="make_cam")
     return path, logits_by_id

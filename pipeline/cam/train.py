@@ -62,11 +62,15 @@ class ClassificationSet(torch.utils.data.Dataset):
 
 def train_classifier(dataset: ClassificationSet, cam_params: dict, num_classes: int, device: torch.device, seed: int,
                      num_workers: int = 0, resume_path: str | Path | None = None,
-                     on_epoch_end: Callable[[int, float], None] | None = None) -> tuple[CamClassifier, list[dict]]:
+                     on_epoch_end: Callable[[int, float], None] | None = None,
+                     inputs: dict[str, str] | None = None) -> tuple[CamClassifier, list[dict]]:
     """Train and return (model in eval mode, per-epoch history [{epoch, loss, images_per_s}]).
 
     ``resume_path``: where the per-epoch resume checkpoint lives (deleted by the caller once the
-    final checkpoint is saved). ``on_epoch_end(epoch, loss)`` runs after it is written."""
+    final checkpoint is saved); it resumes only for the same params, ids, initial weights, code and
+    ``inputs`` (e.g. ``{"prepared": digest}``). ``on_epoch_end(epoch, loss)`` runs after it is written."""
+    from pipeline.provenance import state_digest
+
     p = cam_params
     torch.manual_seed(seed)
     model = build_classifier(p["backbone"], p["weights"], num_classes, p["frozen_levels"], p["freeze_bn"])
@@ -75,8 +79,8 @@ def train_classifier(dataset: ClassificationSet, cam_params: dict, num_classes: 
                           lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"])
     resume = None
     if resume_path:
-        resume = ResumePoint(resume_path, fingerprint({k: p[k] for k in TRAIN_KEYS}, seed, len(dataset), num_classes),
-                             "train_cam")
+        resume = ResumePoint(resume_path, fingerprint({k: p[k] for k in TRAIN_KEYS}, seed, list(dataset.ids), num_classes),
+                             "train_cam", inputs={"initial_weights": state_digest(model), **(inputs or {})})
     sampler = EpochSampler(len(dataset), seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=p["batch_size"], sampler=sampler, drop_last=len(dataset) > p["batch_size"],
                                          num_workers=num_workers, persistent_workers=num_workers > 0,

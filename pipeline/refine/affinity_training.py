@@ -47,7 +47,9 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
     """Train ``model`` with the ``affinity`` params; save the checkpoint to ``out_path``; return the per-epoch history.
 
     ``resume_path``: per-epoch resume checkpoint (see :class:`pipeline.training.ResumePoint`), removed
-    once ``out_path`` is saved."""
+    once ``out_path`` is saved; it resumes only for the same params, ids, seeds store, prepared data,
+    initial weights (e.g. the CAM classifier's) and code."""
+    from pipeline.provenance import prepared_digest, state_digest
     from pipeline.store import fingerprint
     from pipeline.training import ResumePoint, images_to, param_groups, save_checkpoint, to_device, train_loop
 
@@ -61,8 +63,10 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
                                        aff["head_lr_mult"]), lr=aff["lr"], momentum=0.9)
     resume = None
     if resume_path:
-        resume = ResumePoint(resume_path, fingerprint(dict(aff), seed, backbone_name, list(ids), seeds.attrs.get("fingerprint")),
-                             "train_aff", generator=gen)
+        resume = ResumePoint(resume_path, fingerprint(dict(aff), seed, backbone_name, list(ids)), "train_aff",
+                             generator=gen, inputs={"seeds": seeds.attrs.get("fingerprint"),
+                                                    "prepared": prepared_digest(prepared.dir),
+                                                    "initial_weights": state_digest(model)})
     counts = {"bg_pos": 0, "fg_pos": 0, "neg": 0}  # pairs seen by this process (not restored on resume)
 
     def step(batch):

@@ -254,6 +254,8 @@ def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Pat
     loads the model once. ``cam_threshold``: the CAM sweep's best threshold, for ``rw.background:
     cam_sweep``. Returns the metrics dict (ConfusionMatrix summary + run facts).
     """
+    from pipeline.provenance import file_digest, prepared_digest
+
     rw = resolve_background(rw, cam_threshold)
     prepared = open_prepared(prepared_dir, data)
     cams = open_store(cams_path)
@@ -268,6 +270,8 @@ def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Pat
 
         ck = load_checkpoint(model_path)
         model_meta = {"affinity_stride": ck["stride"], "radius": ck["radius"], "backbone": ck["backbone"]}
+    inputs = {"cams": cams.attrs.get("fingerprint"), "prepared": prepared_digest(prepared_dir),
+              "affinity_model": file_digest(model_path) if rw["enabled"] else None}
     # dask worker processes run one image each: one torch thread per process
     threads = 1 if compute["scheduler"] != "synchronous" else compute.get("torch_threads", 0)
     tasks = [WalkTask(i, str(prepared_dir), data, str(cams_path), str(model_path) if model_path else None, rw, crf,
@@ -275,7 +279,7 @@ def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Pat
     attrs = {"kind": "pseudo_masks", "class_names": prepared.class_names, "stride": 1, "split": split,
              "params": {"rw": rw, "crf": crf if rw["final_crf"] else None}, **model_meta,
              "method": "random_walk" if rw["enabled"] else "cam",
-             "cams_fingerprint": cams.attrs.get("fingerprint")}
+             "cams_fingerprint": cams.attrs.get("fingerprint"), "inputs": inputs}
     metrics = write_scored_label_store(prepared, ids, out_path, "mask", attrs, make_pseudo_mask, tasks, compute,
                                        "random walk")
     metrics.update({"enabled": bool(rw["enabled"]), "beta": rw["beta"], "logt": rw["logt"], "alpha": rw["alpha"],

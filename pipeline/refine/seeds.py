@@ -189,6 +189,8 @@ def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path,
     shards are written as they finish (an interrupted run resumes). Returns the metrics dict:
     ConfusionMatrix summary over labelled pixels (``coverage`` = share labelled) plus run facts.
     """
+    from pipeline.provenance import prepared_digest
+
     prepared = open_prepared(prepared_dir, data)
     cams = open_store(cams_path)
     split = split or cams.attrs.get("split") or data["train_split"]
@@ -199,7 +201,8 @@ def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path,
     tasks = [SeedTask(i, str(prepared_dir), data, str(cams_path), crf) for i in ids]
     attrs = {"kind": "seeds", "class_names": prepared.class_names, "stride": 1, "split": split,
              "params": crf, "method": crf["mode"] if crf["enabled"] else "threshold",
-             "cams_fingerprint": cams.attrs.get("fingerprint")}
+             "cams_fingerprint": cams.attrs.get("fingerprint"),
+             "inputs": {"cams": cams.attrs.get("fingerprint"), "prepared": prepared_digest(prepared_dir)}}
     metrics = write_scored_label_store(prepared, ids, out_path, "seed", attrs, make_seed, tasks, compute, "crf seeds")
     metrics.update({"enabled": bool(crf["enabled"]), "mode": crf["mode"] if crf["enabled"] else "threshold",
                     "fg_threshold": crf["fg_threshold"], "bg_threshold": crf["bg_threshold"],

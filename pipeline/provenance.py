@@ -1,0 +1,147 @@
+"""What a result was made from: digests of the code, of files (checkpoints, weights) and of the data.
+
+Every resumable result (a store's ``.partial`` folder, a training stage's ``resume.pt``) carries a
+fingerprint. A re-run resumes only when the fingerprint is the same, so it must change with
+everything that shapes the result:
+
+- the params that stage reads (passed in by each caller);
+- the code: :func:`code_digest`, the source of every module of ``pipeline/`` and ``stages/``
+  (added by :class:`pipeline.store.StoreWriter` and :class:`pipeline.training.ResumePoint` themselves);
+- the inputs: the prepared data (:func:`prepared_digest`, which includes the dataset files' content,
+  see :func:`dataset_digest`), model checkpoints (:func:`file_digest`), input stores' fingerprints,
+  the training labels.
+
+:func:`dataset_digest` also feeds the ``digest_data`` DVC stage, so an edited image or labels file
+makes ``dvc repro`` re-run ``prepare`` and what follows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parent.parent
+CODE_PACKAGES = ("pipeline", "stages")
+
+
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 (16 hex digits) of a file's bytes."""
+    h = hashlib.sha256()
+    _hash_file(h, Path(path))
+    return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 (16 hex digits) over the path and source of every ``.py`` file of the library and the
+    stage scripts: any code edit between an interrupted run and its re-run discards the partial result."""
+    h = hashlib.sha256()
+    for package in CODE_PACKAGES:
+        for path in sorted((_ROOT / package).rglob("*.py")):
+            h.update(str(path.relative_to(_ROOT)).encode() + b"\0")
+            _hash_file(h, path)
+    return h.hexdigest()[:16]
+
+
+def weights_digest(spec: str) -> str:
+    """A weights param (``imagenet``, ``none``, a path): the file's digest when it names a file, else itself."""
+    return f"file:{file_digest(spec)}" if spec and Path(spec).is_file() else str(spec)
+
+
+def prepared_digest(prepared_dir: str | Path) -> str:
+    """Digest of a prepared dataset: its index (ids, sizes, labels, the dataset files' digest) and its GT store."""
+    prepared_dir = Path(prepared_dir)
+    h = hashlib.sha256()
+    _hash_file(h, prepared_dir / "index.json")
+    gt_attrs = prepared_dir / "gt.zarr" / "zarr.json"
+    if gt_attrs.is_file():
+        h.update(str(json.loads(gt_attrs.read_text()).get("attributes", {}).get("fingerprint")).encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- dataset files
+
+def _dataset_files(root: Path) -> list[Path]:
+    """Every regular file under ``root`` (hidden files and folders skipped), sorted."""
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [Path(folder) / f for f in files if not f.startswith(".")]
+    return sorted(out)
+
+
+def dataset_digest(data: dict, cache_file: str | Path | None = None) -> dict:
+    """Content digest of the dataset files under ``data.root`` (every file, sha256 each).
+
+    Returns ``{"dataset", "root", "files", "bytes", "digest"}``; ``digest`` changes when any file's
+    content, name or presence changes. The demo is generated from params, so its digest covers
+    the ``data`` params only. ``cache_file``: a JSON of (size, mtime) -> sha256 from an earlier call;
+    files whose size and mtime are unchanged are not read again (how DVC's own state works).
+    """
+    if data["dataset"] == "demo":
+        blob = json.dumps({k: v for k, v in data.items() if k.startswith("demo_")}, sort_keys=True).encode()
+        return {"dataset": "demo", "root": None, "files": 0, "bytes": 0, "digest": hashlib.sha256(blob).hexdigest()[:16]}
+    root = Path(data["root"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"param data.root: dataset folder {root} does not exist")
+    cache: dict[str, list] = {}
+    if cache_file is not None and Path(cache_file).is_file():
+        try:
+            cache = json.loads(Path(cache_file).read_text())
+        except ValueError:
+            cache = {}
+    fresh: dict[str, list] = {}
+    h = hashlib.sha256()
+    total = 0
+    for path in _dataset_files(root):
+        rel = path.relative_to(root).as_posix()
+        st = path.stat()
+        known = cache.get(rel)
+        if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+            digest = known[2]
+        else:
+            digest = file_digest(path)
+        fresh[rel] = [st.st_size, st.st_mtime_ns, digest]
+        h.update(f"{rel}\0{digest}\n".encode())
+        total += st.st_size
+    if cache_file is not None:
+        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(cache_file) + ".tmp")
+        tmp.write_text(json.dumps(fresh))
+        tmp.replace(cache_file)
+    return {"dataset": data["dataset"], "root": str(root), "files": len(fresh), "bytes": total,
+            "digest": h.hexdigest()[:16]}
+
+
+def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Which top-level keys of two fingerprint inputs differ, e.g. ``"code, inputs.model"``."""
+    keys = sorted(set(old) | set(new))
+    changed = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += [f"{k}.{s}" for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
+        elif a != b:
+            changed.append(k)
+    return ", ".join(changed) or "unknown"
+
+
+def state_digest(model) -> str:
+    """sha256 (16 hex digits) of a model's state dict (names, shapes, values): the weights a result came from."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
