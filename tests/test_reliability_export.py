@@ -217,3 +217,78 @@ def test_cli_error_has_no_traceback_and_a_non_zero_exit(demo, tmp_path):
     assert "Traceback" not in res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wsss export: error: ") and str(blocker) in lines[0], res.stderr
+
+
+# --- 3. errors are not swallowed --------------------------------------------------------------
+
+def _coco_images(out: Path) -> dict:
+    doc = json.loads((out / "annotations" / "instances_train.json").read_text())
+    return {im["image_key"]: im["file_name"] for im in doc["images"]}
+
+
+def test_coco_file_name_falls_back_only_for_a_dataset_error_and_says_so(demo, tmp_path, monkeypatch, caplog):
+    from pipeline.datasets.demo import DemoDataset
+
+    real = DemoDataset.image_path
+    missing = demo["ids"][1]
+
+    def image_path(self, image_id):
+        if image_id == missing:
+            raise DatasetError(f"no file for {image_id}")
+        return real(self, image_id)
+
+    monkeypatch.setattr(DemoDataset, "image_path", image_path)
+    with caplog.at_level(logging.WARNING, logger="wsss"):
+        _export(demo, tmp_path / "out", ["coco"])
+    names = _coco_images(tmp_path / "out")
+    assert names[missing] == f"{missing}.jpg"
+    assert names[demo["ids"][0]] == real(demo["prepared"].dataset, demo["ids"][0]).name
+    assert any(missing in r.getMessage() and "file_name" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_coco_file_name_does_not_hide_a_bug(demo, tmp_path, monkeypatch):
+    from pipeline.datasets.demo import DemoDataset
+
+    def image_path(self, image_id):
+        raise ZeroDivisionError("a bug in the adapter")
+
+    monkeypatch.setattr(DemoDataset, "image_path", image_path)
+    with pytest.raises(ZeroDivisionError, match="a bug in the adapter"):
+        _export(demo, tmp_path / "out", ["coco"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_manifest_says_why_revision_and_input_hashes_are_missing(demo, tmp_path):
+    not_git = tmp_path / "plain"
+    not_git.mkdir()
+    _export(demo, tmp_path / "a", ["voc"], repo_dir=not_git, lock_path=tmp_path / "dvc.lock")
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["code_revision"] is None
+    assert "not a git" in m["code_revision_unavailable"]
+    assert set(m["inputs"]) == {str(demo["store"]), str(demo["root"] / "prepared")}
+    assert all(v is None for v in m["inputs"].values())
+    reasons = m["inputs_unavailable"]
+    assert set(reasons) == set(m["inputs"]) and all("dvc.lock" in r and "no " in r for r in reasons.values()), reasons
+    readme = (tmp_path / "a" / "README.md").read_text()
+    assert "not a git" in readme and reasons[str(demo["store"])] in readme
+
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(": not yaml: [")
+    _export(demo, tmp_path / "b", ["voc"], repo_dir=not_git, lock_path=lock)
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert all("not valid YAML" in r for r in m["inputs_unavailable"].values()), m["inputs_unavailable"]
+
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {"random_walk": {"cmd": "x", "outs": [
+        {"path": str(demo["store"]), "md5": "abc.dir"}]}}}))
+    _export(demo, tmp_path / "c", ["voc"], repo_dir=not_git, lock_path=lock)
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["inputs"][str(demo["store"])]["md5"] == "abc.dir"
+    assert list(m["inputs_unavailable"]) == [str(demo["root"] / "prepared")]
+    assert "no stage" in m["inputs_unavailable"][str(demo["root"] / "prepared")]
+
+
+def test_manifest_of_a_git_checkout_has_no_reason_field(demo, tmp_path):
+    _export(demo, tmp_path / "out", ["voc"], repo_dir=ROOT)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert len(m["code_revision"]["commit"]) == 40
+    assert "code_revision_unavailable" not in m

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.export.formats import (READERS, ExportError, read_coco, read_voc, read_zarr, safe_member, write_coco,
                                      write_voc, write_zarr)
-from pipeline.export.manifest import build_manifest, datasheet, dvc_lock_hashes, git_revision, utc_now
+from pipeline.export.manifest import build_manifest, datasheet, dvc_lock_hashes_status, git_revision_status, utc_now
 from pipeline.metrics import ConfusionMatrix
 from pipeline.progress import progress_bar
 from pipeline.store import IGNORE_INDEX, Store, StoreError
@@ -112,8 +112,8 @@ def _check_target(out_dir: Path, force: bool, protected: Sequence[Path]) -> None
         except OSError as e:
             raise ExportError(f"export target {out_dir} cannot be read: {e.strerror or e}") from e
         if why is not None:
-            raise ExportError(f"export target {out_dir} is not empty and is not a previous export ({why}); refusing to replace it "
-                              "even with --force: pick a new or empty folder")
+            raise ExportError(f"export target {out_dir} is not empty and is not a previous export ({why}); "
+                              "refusing to replace it even with --force: pick a new or empty folder")
         if not empty and not force:
             raise ExportError(f"export target {out_dir} is not empty (a previous export); pass --force "
                               "(force=True) to replace it")
@@ -143,11 +143,34 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 
 
 def _image_file_name(prepared):
-    """id -> the image's file name in the dataset (COCO ``file_name``); the id + .jpg when unknown."""
+    """id -> the image's file name in the dataset (COCO ``file_name``).
+
+    Only when the dataset cannot say (its root moved or is gone, or it has no file for the id: a
+    DatasetError) is the name ``<id>.jpg``, with a warning naming the image; any other error is a
+    bug and propagates."""
+    from pipeline.datasets import DatasetError
+
+    state: dict = {"dataset": None, "why": None, "warned": 0}
+    max_warnings = 10
+
     def name(image_id: str) -> str:
+        if state["dataset"] is None and state["why"] is None:
+            try:
+                state["dataset"] = prepared.dataset
+            except DatasetError as e:
+                state["why"] = str(e)
+                log.warning("export coco: the dataset cannot be opened (%s); every file_name is <image id>.jpg, "
+                            "starting with image %r", e, image_id)
+        if state["why"] is not None:
+            return f"{image_id}.jpg"
         try:
-            return prepared.dataset.image_path(image_id).name
-        except Exception:  # adapters without files (or a moved dataset): still a valid json
+            return state["dataset"].image_path(image_id).name
+        except DatasetError as e:
+            state["warned"] += 1
+            if state["warned"] <= max_warnings:
+                more = "; further such images are not logged" if state["warned"] == max_warnings else ""
+                log.warning("export coco: image %r: file_name unknown (%s); using %r%s", image_id, e,
+                            f"{image_id}.jpg", more)
             return f"{image_id}.jpg"
     return name
 
@@ -222,12 +245,14 @@ def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_par
         return {"images_with_gt": scored["images"], "measured_by": "export (masks vs ground truth, 255 left out)",
                 **quality.summary(class_names)}
 
+    revision, no_revision = git_revision_status(repo_dir)
+    inputs, no_inputs = dvc_lock_hashes_status(lock_path, [pseudo_store_path, prepared_dir])
     common = dict(
         dataset={"name": prepared.index.get("dataset"), "root": prepared.index.get("root"),
                  "prepared_dir": str(prepared_dir)},
         split=split, ids_count=len(store.ids), class_names=class_names, palette=palette.tolist(),
-        ignore_value=IGNORE_INDEX, params=params or {}, code_revision=git_revision(repo_dir),
-        inputs=dvc_lock_hashes(lock_path, [pseudo_store_path, prepared_dir]),
+        ignore_value=IGNORE_INDEX, params=params or {}, code_revision=revision, code_revision_unavailable=no_revision,
+        inputs=inputs, inputs_unavailable=no_inputs,
         stage_metrics=label_metrics,
         source={"store": str(pseudo_store_path), "fingerprint": store.attrs.get("fingerprint"),
                 "method": store.attrs.get("method")},

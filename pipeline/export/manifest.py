@@ -2,7 +2,9 @@
 
 The manifest records what the masks are (dataset, split, count, classes, palette, ignore value),
 how they were made (params, code revision, DVC hashes of the inputs) and how good they are
-(mIoU against the ground truth where it exists, and the per-stage metrics of the run).
+(mIoU against the ground truth where it exists, and the per-stage metrics of the run). A code
+revision or input hash that cannot be had is None with the reason beside it
+(``code_revision_unavailable``, ``inputs_unavailable``), never silently missing.
 """
 from __future__ import annotations
 
@@ -15,39 +17,77 @@ import yaml
 MANIFEST_VERSION = 1
 
 
-def git_revision(repo_dir: str | Path = ".") -> dict | None:
-    """{"commit": sha, "dirty": bool} of the git work tree at ``repo_dir``, or None outside git."""
+def git_revision_status(repo_dir: str | Path = ".") -> tuple[dict | None, str | None]:
+    """``({"commit": sha, "dirty": bool}, None)`` of the git work tree at ``repo_dir``, or
+    ``(None, why)`` when there is none (not a git repository, no commit yet, git missing)."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return None
+        sha = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=repo_dir, capture_output=True, text=True,
+                             timeout=10)
+    except OSError as e:
+        return None, f"git could not run in {repo_dir}: {e.strerror or e}"
+    except subprocess.TimeoutExpired:
+        return None, f"git rev-parse HEAD timed out in {repo_dir}"
+    if sha.returncode != 0:
+        err = sha.stderr.strip().splitlines()
+        if any("not a git repository" in line for line in err):
+            return None, f"{repo_dir} is not a git repository"
+        return None, f"git rev-parse HEAD failed in {repo_dir} (no commit yet?): {err[0] if err else sha.returncode}"
+    revision = {"commit": sha.stdout.strip(), "dirty": None}
+    try:
         st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir,
                             capture_output=True, text=True, timeout=30)
-        return {"commit": sha.stdout.strip(), "dirty": bool(st.stdout.strip()) if st.returncode == 0 else None}
-    except (OSError, subprocess.SubprocessError):
-        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        revision["dirty_unavailable"] = f"git status failed: {e}"
+        return revision, None
+    if st.returncode == 0:
+        revision["dirty"] = bool(st.stdout.strip())
+    else:
+        revision["dirty_unavailable"] = f"git status failed: {st.stderr.strip().splitlines()[:1] or st.returncode}"
+    return revision, None
+
+
+def git_revision(repo_dir: str | Path = ".") -> dict | None:
+    """{"commit": sha, "dirty": bool} of the git work tree at ``repo_dir``, or None outside git
+    (:func:`git_revision_status` also says why)."""
+    return git_revision_status(repo_dir)[0]
+
+
+def dvc_lock_hashes_status(lock_path: str | Path, paths: list[str | Path]) -> tuple[dict, dict]:
+    """``(hashes, why)``: for each input path, the hash DVC recorded in ``dvc.lock`` for the stage
+    output of that path, ``{path: {"stage": name, "md5": ..., "size": ..., "nfiles": ...}}``; a path
+    without one maps to None there and to the reason in ``why`` (no lock file, a lock that is not
+    YAML, no stage listing the path as an output)."""
+    lock_path = Path(lock_path)
+    want = {Path(p).as_posix().rstrip("/"): None for p in paths}
+
+    def every(reason: str) -> tuple[dict, dict]:
+        return want, {p: reason for p in want}
+
+    if not lock_path.is_file():
+        return every(f"no {lock_path} (the DVC pipeline has not run here)")
+    try:
+        lock = yaml.safe_load(lock_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        return every(f"{lock_path} is not valid YAML: {str(e).splitlines()[0]}")
+    except OSError as e:
+        return every(f"{lock_path} cannot be read: {e.strerror or e}")
+    if not isinstance(lock, dict) or not isinstance(lock.get("stages") or {}, dict):
+        return every(f"{lock_path} has no mapping of stages")
+    for stage, entry in (lock.get("stages") or {}).items():
+        for out in (entry or {}).get("outs") or []:
+            p = str(out.get("path", "")).rstrip("/")
+            if p in want:
+                want[p] = {"stage": stage, **{k: out[k] for k in ("md5", "hash", "size", "nfiles") if k in out}}
+    return want, {p: f"no stage in {lock_path} lists it as an output" for p, v in want.items() if v is None}
 
 
 def dvc_lock_hashes(lock_path: str | Path, paths: list[str | Path]) -> dict:
     """For each input path, the hash DVC recorded in ``dvc.lock`` for the stage output of that path.
 
     Returns {path: {"stage": name, "md5": ..., "size": ..., "nfiles": ...}}; paths that no stage
-    lists as an output (or a missing lock file) map to None.
+    lists as an output (or a missing lock file) map to None (:func:`dvc_lock_hashes_status` says why).
     """
-    lock_path = Path(lock_path)
-    want = {Path(p).as_posix().rstrip("/"): None for p in paths}
-    if not lock_path.is_file():
-        return want
-    try:
-        lock = yaml.safe_load(lock_path.read_text()) or {}
-    except yaml.YAMLError:
-        return want
-    for stage, entry in (lock.get("stages") or {}).items():
-        for out in entry.get("outs") or []:
-            p = str(out.get("path", "")).rstrip("/")
-            if p in want:
-                want[p] = {"stage": stage, **{k: out[k] for k in ("md5", "hash", "size", "nfiles") if k in out}}
-    return want
+    return dvc_lock_hashes_status(lock_path, paths)[0]
 
 
 def utc_now() -> str:
@@ -56,7 +96,16 @@ def utc_now() -> str:
 
 def build_manifest(*, fmt: str, files: dict, dataset: dict, split: str, ids_count: int, class_names: list[str],
                    palette: list, ignore_value: int, params: dict, code_revision: dict | None, inputs: dict,
-                   label_quality: dict | None, stage_metrics: dict | None, source: dict, created: str) -> dict:
+                   label_quality: dict | None, stage_metrics: dict | None, source: dict, created: str,
+                   code_revision_unavailable: str | None = None, inputs_unavailable: dict | None = None) -> dict:
+    """The manifest dict. A missing code revision or input hash stays None under its key and the
+    reason goes beside it: ``code_revision_unavailable`` (str), ``inputs_unavailable`` ({path: str})."""
+    why = {}
+    if code_revision is None:
+        why["code_revision_unavailable"] = code_revision_unavailable or "unknown reason"
+    missing = {p: (inputs_unavailable or {}).get(p) or "unknown reason" for p, v in inputs.items() if v is None}
+    if missing:
+        why["inputs_unavailable"] = missing
     return {
         "manifest_version": MANIFEST_VERSION,
         "format": fmt,
@@ -70,6 +119,7 @@ def build_manifest(*, fmt: str, files: dict, dataset: dict, split: str, ids_coun
         "params": params,
         "code_revision": code_revision,
         "inputs": inputs,
+        **why,
         "label_quality": label_quality,
         "stage_metrics": stage_metrics,
         "source": source,
@@ -103,7 +153,8 @@ def datasheet(manifest: dict) -> str:
     fmt_text = _FORMAT_TEXT[m["format"]].format(split=m["split"], annotations=m["files"].get("annotations", ""))
     classes = ", ".join(f"{k} = {n}" for k, n in enumerate(m["class_names"]))
     rev = m.get("code_revision") or {}
-    rev_text = (f"`{rev.get('commit', '?')[:12]}`" + (" (with uncommitted changes)" if rev.get("dirty") else "")) if rev else "unknown (not a git checkout)"
+    rev_text = ((f"`{rev.get('commit', '?')[:12]}`" + (" (with uncommitted changes)" if rev.get("dirty") else ""))
+                if rev else f"unknown ({m.get('code_revision_unavailable') or 'not a git checkout'})")
     p = m.get("params") or {}
     how = []
     if p:
@@ -142,7 +193,9 @@ def datasheet(manifest: dict) -> str:
         quality.append("mIoU of each stage of the run that made them (train split): "
                        + ", ".join(f"{k} {_fmt_pct(v)}%" for k, v in stages) + ".")
     inputs = m.get("inputs") or {}
-    input_lines = [f"- `{k}`: " + (f"md5 `{v.get('md5') or v.get('hash')}` (stage `{v['stage']}`)" if v else "not in dvc.lock")
+    why = m.get("inputs_unavailable") or {}
+    input_lines = [f"- `{k}`: " + (f"md5 `{v.get('md5') or v.get('hash')}` (stage `{v['stage']}`)" if v
+                                   else f"hash unknown: {why.get(k, 'not in dvc.lock')}")
                    for k, v in inputs.items()]
     return "\n".join([
         f"# Pseudo segmentation masks: {m['dataset'].get('name')} / {m['split']} ({m['format']})",
