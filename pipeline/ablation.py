@@ -1,6 +1,7 @@
 """Ablation grids through ``dvc exp run``: one experiment per combination, one table of per-stage mIoU."""
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -11,7 +12,7 @@ from typing import Sequence
 
 import yaml
 
-from pipeline.config import ParamsError, SCHEMA
+from pipeline.config import SCHEMA, ParamsError, defaults, load_params, validate
 
 log = logging.getLogger("wsss")
 
@@ -30,6 +31,30 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list]:
             raise ParamsError(f"ablation grid: unknown param {key!r}")
         grid[key] = [yaml.safe_load(v) for v in values.split(",")]
     return grid
+
+
+def check_settings(settings: list[dict], repo: str | Path = ".") -> None:
+    """Validate every setting as ``dvc exp run -S`` would apply it to the repo's ``params.yaml``
+    (defaults when there is none), with the checks of :func:`pipeline.config.validate`, before any
+    experiment is queued or run. Raises ParamsError naming the key and the setting."""
+    params_file = Path(repo) / "params.yaml"
+    base = load_params(params_file) if params_file.is_file() else defaults()
+    for setting in settings:
+        trial = copy.deepcopy(base)
+        for key, value in setting.items():
+            ns, _, name = key.partition(".")
+            p = SCHEMA[ns][name]
+            if p.kind is float and isinstance(value, str):  # 1e-3: a str to PyYAML, a float to DVC (YAML 1.2)
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            trial[ns][name] = value
+        shown = ", ".join(f"{k}={_dvc_value(v)}" for k, v in setting.items())
+        try:
+            validate(trial, source=f"ablation setting {shown}")
+        except ParamsError as e:
+            raise ParamsError(f"ablation grid: {e} (in the setting {shown}); nothing was queued or run") from e
 
 
 def combinations(grid: dict[str, list]) -> list[dict]:
@@ -153,13 +178,15 @@ def ablate(specs: Sequence[str], out_md: str | Path = "reports/ablation.md", out
 
     mode ``run``: run each (one that already exists on this baseline is reused, not re-run), then
     write the table; ``queue``: only queue them (``dvc queue start`` runs them; then ``collect``);
-    ``collect``: read the experiments already run and write the table. Returns the markdown table
+    ``collect``: read the experiments already run and write the table. Every setting is validated
+    first (:func:`check_settings`): one bad value queues and runs nothing. Returns the markdown table
     (None when queueing)."""
     if mode not in ("run", "queue", "collect"):
         raise ValueError(f"ablate: mode {mode!r} is not run | queue | collect")
     grid = parse_grid(specs)
     settings = combinations(grid)
     repo = Path(repo)
+    check_settings(settings, repo)  # every one, before the first is queued or run
     rows = []
     for n, setting in enumerate(settings):
         name = experiment_name(setting)

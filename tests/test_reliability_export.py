@@ -292,3 +292,77 @@ def test_manifest_of_a_git_checkout_has_no_reason_field(demo, tmp_path):
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert len(m["code_revision"]["commit"]) == 40
     assert "code_revision_unavailable" not in m
+
+
+# --- 4. wsss ablate validates every setting before queueing / running any ----------------------
+
+def _git(repo, *args):
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+@pytest.fixture()
+def repo(tmp_path, monkeypatch):
+    """A git repo with a commit; dvc exp run replaced by a recorder."""
+    import pipeline.ablation as ablation
+
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "config", "user.email", "t@example.com")
+    _git(tmp_path, "config", "user.name", "t")
+    (tmp_path / "README").write_text("x")
+    _git(tmp_path, "add", "README")
+    _git(tmp_path, "commit", "-qm", "baseline")
+    calls = []
+    monkeypatch.setattr(ablation, "run_experiment", lambda setting, name, queue=False, repo=".": calls.append(
+        (name, queue)) or "")
+    return tmp_path, calls
+
+
+@pytest.mark.parametrize("mode", ["queue", "run"])
+@pytest.mark.parametrize("grid, key", [
+    (["cam.epochs=2,0"], "cam.epochs"),
+    (["rw.enabled=true,maybe"], "rw.enabled"),
+    (["cam.method=cam,gradcam", "crf.fg_threshold=0.3,1.5"], "crf.fg_threshold"),
+    (["crf.merge=published,nope"], "crf.merge"),
+])
+def test_ablate_queues_and_runs_nothing_when_a_setting_is_invalid(repo, mode, grid, key):
+    from pipeline.ablation import ablate
+
+    path, calls = repo
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        ablate(grid, repo=path, mode=mode)
+    assert calls == []
+
+
+def test_ablate_validates_against_the_repos_params(repo):
+    from pipeline.ablation import ablate
+
+    path, calls = repo
+    params = preset("tiny")
+    params["cam"]["scale_max"] = 1.0
+    dump_params(params, path / "params.yaml")
+    with pytest.raises(ParamsError, match=r"cam\.scale_min"):
+        ablate(["cam.scale_min=0.5,2.0"], repo=path, mode="queue")
+    assert calls == []
+    ablate(["cam.scale_min=0.5,0.9"], repo=path, mode="queue")
+    assert calls == [("abl-scale_min_0_5", True), ("abl-scale_min_0_9", True)]
+
+
+def test_ablate_cli_bad_value_is_one_line(repo, monkeypatch):
+    from pipeline.cli import main
+
+    path, calls = repo
+    monkeypatch.chdir(path)
+    with pytest.raises(SystemExit) as e:
+        main(["ablate", "--grid", "cam.epochs=3,0", "--queue"])
+    assert isinstance(e.value.code, str) and e.value.code.startswith("wsss ablate: error: "), e.value.code
+    assert "cam.epochs" in e.value.code and "\n" not in e.value.code
+    assert calls == []
+
+
+def test_ablate_accepts_values_dvc_accepts(repo):
+    from pipeline.ablation import ablate
+
+    path, calls = repo
+    ablate(["cam.lr=1e-3,0.02", "rw.enabled=true,false"], repo=path, mode="queue")  # 1e-3: a str to PyYAML
+    assert [c[0] for c in calls] == ["abl-lr_1e-3-enabled_true", "abl-lr_1e-3-enabled_false",
+                                     "abl-lr_0_02-enabled_true", "abl-lr_0_02-enabled_false"]
