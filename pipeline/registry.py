@@ -28,6 +28,8 @@ def load_dotted(path: str) -> Any:
         module = importlib.import_module(mod_name)
     except ImportError as e:
         raise RegistryError(f"cannot import module {mod_name!r} for {path!r}: {e}") from e
+    except Exception as e:  # the module's own code raised while it was imported
+        raise RegistryError(f"module {mod_name!r} for {path!r} raised {type(e).__name__} while imported: {e}") from e
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -35,8 +37,12 @@ def load_dotted(path: str) -> Any:
 
 
 class Registry:
-    def __init__(self, kind: str):
+    """``kind`` names the registry in messages; ``param`` (e.g. ``cam.method``) is the param the names
+    come from, so a failure to resolve or load one names it."""
+
+    def __init__(self, kind: str, param: str | None = None):
         self.kind = kind
+        self.param = param
         self._items: dict[str, Any] = {}
 
     def register(self, name: str) -> Callable[[Any], Any]:
@@ -56,18 +62,33 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(set(self._items) | set(self.plugins()))
 
-    def get(self, name: str) -> Any:
+    def get(self, name: str, param: str | None = None) -> Any:
+        """The object registered, advertised or importable as ``name``. Every failure (unknown name, a
+        plugin that cannot be imported or raises while it is imported) is a RegistryError naming the
+        param (``param`` or the registry's) and the plugin, with the original exception chained."""
         if name in self._items:
             return self._items[name]
+        where = f"param {param or self.param}: " if (param or self.param) else ""
         eps = self.plugins()
         if name in eps:
-            return eps[name].load()
+            ep = eps[name]
+            return self._load(lambda: ep.load(), f"{where}{self.kind} plugin {name!r} (entry point {ep.value!r} "
+                                                 f"in group {ENTRY_POINT_GROUP!r})")
         if "." in name or ":" in name:
-            return load_dotted(name)
-        raise RegistryError(f"unknown {self.kind} {name!r}; known: {self.names()} "
+            return self._load(lambda: load_dotted(name), f"{where}{self.kind} plugin {name!r}")
+        raise RegistryError(f"{where}unknown {self.kind} {name!r}; known: {self.names()} "
                             f"(or a plugin in entry-point group {ENTRY_POINT_GROUP!r}, or a dotted path 'pkg.mod:Obj')")
 
+    @staticmethod
+    def _load(load: Callable[[], Any], what: str) -> Any:
+        try:
+            return load()
+        except RegistryError as e:
+            raise RegistryError(f"{what}: {e}") from (e.__cause__ or e)
+        except Exception as e:  # a plugin's own code runs at import: any error is its failure to load
+            raise RegistryError(f"{what} failed to load: {type(e).__name__}: {e}") from e
 
-BACKBONES = Registry("backbone")
-CAM_METHODS = Registry("cam_method")
-REFINERS = Registry("refiner")
+
+BACKBONES = Registry("backbone")  # cam.backbone and seg.backbone both name one
+CAM_METHODS = Registry("cam_method", param="cam.method")
+REFINERS = Registry("refiner", param="crf.mode")

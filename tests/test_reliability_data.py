@@ -128,3 +128,62 @@ def test_no_gt_cam_sweep_settings_fail_naming_the_param(no_gt_run, monkeypatch, 
             run_stage(stage)
     finally:
         (work / "params.yaml").write_text(render_params(params))
+
+
+# ------------------------------------------------------------------ B: messages name the file / param
+
+def test_non_utf8_labels_csv_names_the_file_and_line(tmp_path):
+    root = make_folder(tmp_path / "ds", n=3)
+    csv_path = root / "labels.csv"
+    lines = csv_path.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b".png", "_caf\u00e9.png".encode("latin-1"))  # line 3: Latin-1, not UTF-8
+    csv_path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DatasetError, match=r"labels\.csv:3: .*UTF-8") as err:
+        FolderDataset(root, csv=csv_path, classes=root / "classes.txt", images=root / "images")
+    assert str(csv_path) in str(err.value)
+
+
+def test_non_utf8_class_list_names_the_file_and_line(tmp_path):
+    root = make_folder(tmp_path / "ds", n=3)
+    (root / "classes.txt").write_bytes(b"disk\nsquare\ncaf\xe9\n")
+    with pytest.raises(DatasetError, match=r"classes\.txt:3: .*UTF-8"):
+        FolderDataset(root, csv=root / "labels.csv", classes=root / "classes.txt", images=root / "images")
+
+
+@pytest.fixture
+def broken_plugin(tmp_path, monkeypatch):
+    """A CAM method plugin whose module raises at import, importable and advertised by an entry point."""
+    (tmp_path / "wsss_broken_plugin.py").write_text("raise RuntimeError('plugin blew up at import')\n")
+    dist = tmp_path / "wsss_broken_plugin-0.1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wsss-broken-plugin\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text("[wsss.plugins]\ncam_method.brokencam = wsss_broken_plugin:BrokenCAM\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop("wsss_broken_plugin", None)
+
+
+@pytest.mark.parametrize("name", ["brokencam", "wsss_broken_plugin:BrokenCAM", "wsss_broken_plugin.BrokenCAM"])
+def test_plugin_that_raises_at_import_names_the_param_and_plugin(broken_plugin, name):
+    from pipeline.cam.methods import build_method
+    from pipeline.registry import RegistryError
+
+    with pytest.raises(RegistryError) as err:
+        build_method(name, model=None)
+    msg = str(err.value)
+    assert "cam.method" in msg and name in msg and "plugin blew up at import" in msg, msg
+    cause = err.value.__cause__
+    while cause is not None and not isinstance(cause, RuntimeError):
+        cause = cause.__cause__
+    assert isinstance(cause, RuntimeError) and "plugin blew up" in str(cause)
+
+
+def test_plugin_missing_dependency_names_the_param(tmp_path, monkeypatch):
+    from pipeline.registry import CAM_METHODS, RegistryError
+
+    (tmp_path / "wsss_needs_dep.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RegistryError, match=r"cam\.method.*wsss_needs_dep:X.*no_such_dependency_xyz") as err:
+        CAM_METHODS.get("wsss_needs_dep:X")
+    assert isinstance(err.value.__cause__, ImportError)
+    sys.modules.pop("wsss_needs_dep", None)

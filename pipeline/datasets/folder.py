@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pipeline.datasets.base import Dataset, Record, check_id
-from pipeline.datasets.imageio import DatasetError
+from pipeline.datasets.imageio import DatasetError, read_utf8_text
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".tif", ".tiff", ".webp")
 _LABEL_SEP = re.compile(r"[;\s]+")
@@ -41,7 +42,7 @@ def read_class_list(path: str | Path) -> list[str]:
         raise DatasetError(f"{path}: class list file is missing (param data.folder_classes)")
     names: list[str] = []
     lines: dict[str, int] = {}
-    for n, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for n, raw in enumerate(read_utf8_text(path).splitlines(), start=1):
         name = raw.strip()
         if not name or name.startswith("#"):
             continue
@@ -84,7 +85,7 @@ class FolderDataset(Dataset):
         if not path.is_file():
             raise DatasetError(f"{path}: labels CSV is missing (param data.folder_csv)")
         order: list[str] = []
-        with path.open(newline="", encoding="utf-8-sig") as f:
+        with io.StringIO(read_utf8_text(path), newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             cols = [c.strip().lower() for c in header or []]

@@ -11,6 +11,22 @@ class DatasetError(ValueError):
     """Bad dataset input; the message names the file and the problem."""
 
 
+def read_utf8_text(path: str | Path) -> str:
+    """A text file's contents as UTF-8 (a leading BOM dropped). Raises DatasetError naming the file and
+    the line (and column) of the first byte that is not UTF-8."""
+    path = Path(path)
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DatasetError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {col}); "
+                           f"save the file as UTF-8") from e
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB. Grayscale, palette, RGBA (composited on black) and 16-bit inputs are converted."""
     path = Path(path)
