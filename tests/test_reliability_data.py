@@ -187,3 +187,70 @@ def test_plugin_missing_dependency_names_the_param(tmp_path, monkeypatch):
         CAM_METHODS.get("wsss_needs_dep:X")
     assert isinstance(err.value.__cause__, ImportError)
     sys.modules.pop("wsss_needs_dep", None)
+
+
+# ------------------------------------------------------------------ C: bit depth and EXIF orientation
+
+def test_16bit_images_scale_by_bit_depth_not_by_their_own_max(tmp_path):
+    from pipeline.datasets.imageio import read_rgb
+
+    a = np.full((6, 8), 200, np.uint16)  # a dark 16-bit image: 200 / 65535 of full scale
+    a[0, 0] = 255
+    b = a.copy()
+    b[0, 0] = 256  # near-identical: one pixel one grey level brighter, just past 8-bit range
+    Image.fromarray(a).save(tmp_path / "a.png")
+    Image.fromarray(b).save(tmp_path / "b.png")
+    ra, rb = read_rgb(tmp_path / "a.png"), read_rgb(tmp_path / "b.png")
+    assert ra.dtype == np.uint8 and ra.shape == (6, 8, 3)
+    assert np.abs(ra.astype(int) - rb.astype(int)).max() <= 1
+    assert (ra[1:] == 1).all() and (rb[1:] == 1).all()  # round(200 / 257): it stays dark
+    full = np.array([[0, 257, 128 * 257, 65535]], np.uint16)
+    Image.fromarray(full).save(tmp_path / "full.png")
+    assert read_rgb(tmp_path / "full.png")[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
+ORIENT_W, ORIENT_H = 40, 24  # stored size; EXIF orientation 6 displays it rotated 90° clockwise (24 wide, 40 tall)
+
+
+def save_with_orientation(path: Path, orientation: int = 6) -> np.ndarray:
+    """An image whose stored top-left quarter is red, saved with an EXIF orientation tag; returns the stored pixels."""
+    img = np.zeros((ORIENT_H, ORIENT_W, 3), np.uint8)
+    img[: ORIENT_H // 2, : ORIENT_W // 2] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(img).save(path, exif=exif, **({"quality": 95} if path.suffix == ".jpg" else {}))
+    return img
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_exif_orientation_is_applied_when_reading(tmp_path, suffix):
+    from pipeline.datasets.imageio import image_size, read_rgb
+
+    p = tmp_path / f"rot{suffix}"
+    stored = save_with_orientation(p, 6)
+    out = read_rgb(p)
+    assert out.shape == (ORIENT_W, ORIENT_H, 3)  # displayed: portrait
+    assert image_size(p) == (ORIENT_W, ORIENT_H)
+    expected = np.rot90(stored, k=-1)  # orientation 6: rotate 90° clockwise to display
+    assert np.abs(out.astype(int) - expected.astype(int)).mean() < 4
+    assert out[2, -3, 0] > 200 and out[-3, 2, 0] < 60  # the red quarter is now at the top right
+
+
+def test_mask_of_stored_size_is_refused_naming_image_and_mask(tmp_path):
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("disk\n")
+    (root / "labels.csv").write_text("image,labels\nrot.jpg,disk\nok.jpg,disk\n")
+    save_with_orientation(root / "images" / "rot.jpg", 6)
+    save_with_orientation(root / "images" / "ok.jpg", 6)
+    Image.fromarray(np.ones((ORIENT_H, ORIENT_W), np.uint8), mode="L").save(root / "masks" / "rot.png")  # stored size
+    Image.fromarray(np.ones((ORIENT_W, ORIENT_H), np.uint8), mode="L").save(root / "masks" / "ok.png")  # displayed
+    ds = FolderDataset(root, csv=root / "labels.csv", classes=root / "classes.txt", images=root / "images",
+                       val_fraction=0.0)
+    assert ds.check_item("ok").size == (ORIENT_W, ORIENT_H)
+    with pytest.raises(DatasetError) as err:
+        ds.check_item("rot")
+    msg = str(err.value)
+    assert str(root / "masks" / "rot.png") in msg and str(root / "images" / "rot.jpg") in msg, msg
+    assert "EXIF orientation" in msg and f"{ORIENT_W}x{ORIENT_H}" in msg and f"{ORIENT_H}x{ORIENT_W}" in msg, msg

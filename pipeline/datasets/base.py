@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from pipeline.datasets.imageio import DatasetError, read_label_png, read_rgb, voc_palette
+from pipeline.datasets.imageio import DatasetError, exif_orientation, read_label_png, read_rgb, voc_palette
 from pipeline.store import IGNORE_INDEX
 
 
@@ -115,7 +116,7 @@ class Dataset(ABC):
         gt = self.load_gt(image_id)
         if gt is not None:
             if gt.shape != size:
-                raise DatasetError(f"{self.gt_source(image_id)}: mask size {gt.shape[1]}x{gt.shape[0]} != image size {size[1]}x{size[0]}")
+                raise DatasetError(self._size_mismatch(image_id, gt.shape, size))
             bad = np.setdiff1d(np.unique(gt), np.r_[np.arange(self.num_classes), IGNORE_INDEX])
             if bad.size:
                 raise DatasetError(f"{self.gt_source(image_id)}: mask has values {bad.tolist()} outside 0..{self.num_classes - 1} and 255")
@@ -123,6 +124,22 @@ class Dataset(ABC):
         if not labels:
             raise DatasetError(f"{self.describe(image_id)}: image has no labels")
         return Record(image_id, size, labels, gt is not None)
+
+    def _size_mismatch(self, image_id: str, mask: tuple[int, int], size: tuple[int, int]) -> str:
+        """Why a mask does not fit its image, naming both files (and the EXIF orientation when it turns the image)."""
+        path = self.image_path(image_id)
+        msg = (f"{self.gt_source(image_id)}: mask size {mask[1]}x{mask[0]} != image size {size[1]}x{size[0]} "
+               f"(width x height as displayed) of {path}")
+        try:
+            with Image.open(path) as im:
+                orientation = exif_orientation(im)
+        except Exception:
+            orientation = 1
+        if orientation != 1:
+            msg += (f"; the image's EXIF orientation {orientation} turns it when displayed (stored "
+                    f"{size[1] if orientation < 5 else size[0]}x{size[0] if orientation < 5 else size[1]}), and masks "
+                    f"must match the displayed image")
+        return msg
 
     def scan(self, split: str, on_bad_item: str = "fail", max_images: int = 0, progress: bool = True) -> ScanResult:
         """Validate every image of a split once. ``on_bad_item``: ``fail`` raises, ``skip`` reports."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class DatasetError(ValueError):
@@ -27,22 +27,41 @@ def read_utf8_text(path: str | Path) -> str:
                            f"save the file as UTF-8") from e
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; values 5..8 swap width and height when displayed
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")  # "I": 16-bit PNG / TIFF in some Pillow versions
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation of an opened image (1 = as stored, also when the tag is missing or unreadable)."""
+    try:
+        value = int(im.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # a malformed EXIF block is not worth failing the image for
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB. Grayscale, palette, RGBA (composited on black) and 16-bit inputs are converted."""
+    """(H, W, 3) uint8 RGB as displayed: the EXIF orientation (JPEG, PNG, TIFF, WebP) is applied.
+
+    Grayscale, palette and RGBA (composited on black) are converted; 16-bit images are scaled by
+    their bit depth (65535 -> 255, i.e. / 257), the same for every image whatever its own range;
+    float images are read as [0, 1] when their values lie in it."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: image file is missing")
     try:
         with Image.open(path) as im:
             im.load()
+            if exif_orientation(im) != 1:
+                im = ImageOps.exif_transpose(im)
             mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            if mode in _SIXTEEN_BIT or mode == "F":
                 a = np.asarray(im, dtype=np.float64)
-                hi = a.max() if a.size else 0
-                if mode == "F" and hi <= 1.0:  # float images in [0, 1]
-                    scale = 255.0
+                if mode == "F":
+                    hi = a.max() if a.size else 0
+                    scale = 255.0 if hi <= 1.0 else 255.0 / (65535.0 if hi > 255 else 255.0)
                 else:
-                    scale = 255.0 / (65535.0 if hi > 255 else 255.0)
+                    scale = 255.0 / 65535.0
                 a = np.clip(a * scale, 0, 255).round().astype(np.uint8)
                 return np.repeat(a[..., None], 3, axis=2)
             if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
@@ -58,14 +77,14 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) from the header, without decoding pixels."""
+    """(height, width) as displayed (EXIF orientation applied), from the header, without decoding pixels."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: image file is missing")
     try:
         with Image.open(path) as im:
             w, h = im.size
-            return h, w
+            return (w, h) if exif_orientation(im) >= 5 else (h, w)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: cannot read image (corrupt or not an image): {e}") from e
 
