@@ -123,9 +123,26 @@ def update_metrics_file(path: str | Path, key: str, value: dict) -> None:
     write_json(path, data)
 
 
+def json_safe(data):
+    """``data`` with NaN / ±inf (Python or numpy floats, at any depth) as None, numpy scalars and arrays
+    as plain Python values and tuples as lists: what strict JSON can hold (NaN is not a JSON token)."""
+    if isinstance(data, dict):
+        return {(k.item() if isinstance(k, np.generic) else k): json_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(v) for v in data]
+    if isinstance(data, np.ndarray):
+        return json_safe(data.tolist())
+    if isinstance(data, np.generic):
+        data = data.item()
+    if isinstance(data, float) and not np.isfinite(data):
+        return None
+    return data
+
+
 def write_json(path: str | Path, data) -> None:
+    """Write ``data`` as strict JSON (NaN / inf written as null, see :func:`json_safe`), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(json_safe(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
     tmp.replace(path)

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from pipeline.metrics import json_safe
 from pipeline.visual import grid, save_figure, save_png
 
 # (key in metrics/labels.json or the report's own rows, label shown, which split it is measured on)
@@ -156,7 +157,7 @@ def write_report(out_dir: str | Path, *, title: str, rows: Sequence[dict], class
     figs = "".join(
         f"<h2>{e(h)}</h2><p>{e(cap)}</p><img src=\"{e(Path(p).name)}\" alt=\"{e(h)}\">" for h, p, cap in figures if p)
     note_html = "".join(f"<li>{e(n)}</li>" for n in notes)
-    details_html = (f"<h2>Details</h2><pre>{e(json.dumps(details, indent=1))}</pre>" if details else "")
+    details_html = (f"<h2>Details</h2><pre>{e(json.dumps(json_safe(details), indent=1))}</pre>" if details else "")
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>

@@ -254,3 +254,29 @@ def test_mask_of_stored_size_is_refused_naming_image_and_mask(tmp_path):
     msg = str(err.value)
     assert str(root / "masks" / "rot.png") in msg and str(root / "images" / "rot.jpg") in msg, msg
     assert "EXIF orientation" in msg and f"{ORIENT_W}x{ORIENT_H}" in msg and f"{ORIENT_H}x{ORIENT_W}" in msg, msg
+
+
+# ------------------------------------------------------------------ D: metrics JSON never holds NaN
+
+def _strict_load(text: str):
+    def refuse(token):
+        raise AssertionError(f"invalid JSON token {token} written")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_write_json_writes_null_for_nan_and_inf(tmp_path):
+    from pipeline.metrics import update_metrics_file, write_json
+
+    data = {"miou": float("nan"), "curve": [{"t": 0.1, "miou": np.float32("nan")}, {"t": 0.2, "miou": np.float64(0.5)}],
+            "pair": (np.float16("inf"), -float("inf")), "n": np.int64(3), "ok": np.bool_(True),
+            "arr": np.array([1.0, np.nan]), "nested": {"deep": [[np.float64("-inf")]]}}
+    path = tmp_path / "m.json"
+    write_json(path, data)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    out = _strict_load(text)
+    assert out == {"miou": None, "curve": [{"t": 0.1, "miou": None}, {"t": 0.2, "miou": 0.5}], "pair": [None, None],
+                   "n": 3, "ok": True, "arr": [1.0, None], "nested": {"deep": [[None]]}}
+    update_metrics_file(path, "extra", {"x": float("nan")})
+    assert _strict_load(path.read_text())["extra"] == {"x": None}
