@@ -332,7 +332,8 @@ def _check_registered(params: dict) -> None:
         try:
             getattr(registry, reg_name).get(value)
         except Exception as e:
-            raise ParamsError(f"param {key}: {value!r} cannot be used: {e}") from e
+            text = str(e)
+            raise ParamsError(text if text.startswith(f"param {key}") else f"param {key}: {value!r} cannot be used: {text}") from e
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, dict[str, Any]]:

@@ -263,30 +263,51 @@ class Store:
         Raises StoreError naming the store and the image when its shard file is missing or unreadable
         (zarr alone would return fill values)."""
         i = self.index(image) if isinstance(image, str) else int(image)
+        return self._crop(name, i, self._read_block(name, i, i + 1)[0])
+
+    def iter(self, name: str, indices: Iterable[int] | None = None):
+        """(index, array) for ``indices`` (default: every image), as :meth:`read` gives them; reading all
+        images goes one shard-sized block at a time (about 10x faster than image by image)."""
+        if indices is not None:
+            for i in indices:
+                yield i, self.read(name, i)
+            return
+        step = self.shard_images
+        for lo in range(0, len(self.ids), step):
+            hi = min(lo + step, len(self.ids))
+            block = self._read_block(name, lo, hi)
+            for j in range(hi - lo):
+                yield lo + j, self._crop(name, lo + j, block[j])
+
+    @property
+    def shard_images(self) -> int:
+        return max(1, int(self.attrs.get("shard_images", 1)))
+
+    def _crop(self, name: str, i: int, a: np.ndarray) -> np.ndarray:
+        gh, gw = self.specs[name].grid(self.sizes[i])
+        return a[..., :gh, :gw]
+
+    def _read_block(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """Images lo..hi-1 of array ``name`` (padded canvas), after checking their shard files exist."""
         spec = self.specs[name]
-        gh, gw = spec.grid(self.sizes[i])
-        per_shard = int(self.attrs.get("shard_images", 1))
-        shard = i // per_shard
-        key = "/".join([name, "c", str(shard)] + ["0"] * (2 if spec.channels is None else 3))
-        if shard in self._expected_shards(name) and not (self.path / key).is_file():
-            raise StoreError(f"{self.path}: shard file {key} is missing (images "
-                             f"{self.ids[shard * per_shard:(shard + 1) * per_shard]}); re-run the stage that writes it")
+        expected = self._expected_shards(name)
+        for shard in range(lo // self.shard_images, (hi - 1) // self.shard_images + 1):
+            key = "/".join([name, "c", str(shard)] + ["0"] * (2 if spec.channels is None else 3))
+            if shard in expected and not (self.path / key).is_file():
+                a, b = shard * self.shard_images, (shard + 1) * self.shard_images
+                raise StoreError(f"{self.path}: shard file {key} is missing (images {self.ids[a:b]}); "
+                                 "re-run the stage that writes it")
         try:
-            z = self.group[name]
-            return np.asarray(z[i, :gh, :gw] if spec.channels is None else z[i, :, :gh, :gw])
+            return np.asarray(self.group[name][lo:hi])
         except Exception as e:
-            raise StoreError(f"{self.path}: cannot read array {name!r} of image {self.ids[i]!r} "
-                             f"(shard file {key}): {type(e).__name__}: {e}") from e
+            raise StoreError(f"{self.path}: cannot read array {name!r} of images {self.ids[lo:hi]} "
+                             f"(shard {lo // self.shard_images}): {type(e).__name__}: {e}") from e
 
     def _expected_shards(self, name: str) -> frozenset:
         cache = self.__dict__.setdefault("_shard_sets", {})
         if name not in cache:
             cache[name] = frozenset(self.attrs.get("shard_files", {}).get(name, ()))
         return cache[name]
-
-    def iter(self, name: str, indices: Iterable[int] | None = None):
-        for i in range(len(self.ids)) if indices is None else indices:
-            yield i, self.read(name, i)
 
 
 def write_store(path, ids, sizes, arrays: dict[str, ArraySpec], attrs: dict, compute, shard_images: int = 32,

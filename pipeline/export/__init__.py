@@ -43,16 +43,9 @@ def read_export(folder: str | Path) -> dict[str, np.ndarray]:
 
 
 def iter_store_masks(store: Store, name: str = "mask") -> Iterator[tuple[int, np.ndarray]]:
-    """(index, (H, W) mask) for every image, reading one shard-sized block at a time (10x faster than per image)."""
-    z = store.group[name]
-    spec = store.specs[name]
-    step = max(1, int(store.attrs.get("shard_images", 32)))
-    for lo in range(0, len(store.ids), step):
-        hi = min(lo + step, len(store.ids))
-        block = np.asarray(z[lo:hi])
-        for j in range(hi - lo):
-            gh, gw = spec.grid(store.sizes[lo + j])
-            yield lo + j, block[j, :gh, :gw]
+    """(index, (H, W) mask) for every image, one shard-sized block at a time; a missing or corrupt shard
+    raises StoreError naming the store and the images."""
+    yield from store.iter(name)
 
 
 def _export_manifest_format(folder: Path) -> str | None:

@@ -1,0 +1,344 @@
+"""Issue 11, resume and stores: a partial result is reused only when everything it was made from is
+the same (code, checkpoints, data, input stores); stores are replaced atomically; a missing or
+corrupt shard is an error; params are checked at load; dataset edits reach DVC."""
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline.provenance as provenance
+from pipeline.config import ParamsError, defaults, preset, render_params, validate, with_overrides
+from pipeline.datasets import PreparedData
+from pipeline.models.affinity import AffinityNet, affinity_checkpoint
+from pipeline.models.backbones import build_backbone
+from pipeline.refine.common import open_store
+from pipeline.refine.random_walk import make_pseudo_mask, make_pseudo_store
+from pipeline.refine.seeds import make_seed, make_seed_store
+from pipeline.refine.synthetic import tiny_demo, write_fake_cams
+from pipeline.store import ArraySpec, Store, StoreError, StoreWriter, write_store
+from pipeline.training import ResumePoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+RW = {"enabled": True, "beta": 8.0, "logt": 3, "background": "fixed", "alpha": 4.0, "ignore_below": 0.0,
+      "final_crf": False}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("resumedemo")
+    params, prepared_dir = tiny_demo(root, num_train=6, num_val=1)
+    prepared = PreparedData(params["data"], prepared_dir)
+    cams = write_fake_cams(prepared, prepared.ids("train"), root / "cams.zarr", stride=4)
+    params["crf"]["iterations"] = 2
+    params["compute"].update(shard_images=2, scheduler="synchronous")
+    return params, prepared_dir, cams
+
+
+def _read_all(path, array):
+    s = open_store(path)
+    return [s.read(array, i) for i in s.ids]
+
+
+def _kill_on_call(n, fn):
+    calls = []
+
+    def dies(task):
+        calls.append(task)
+        if len(calls) == n:
+            raise KeyboardInterrupt("killed")
+        return fn(task)
+
+    return dies
+
+
+# ---------------------------------------------------------------- 1. stores: code and model in the fingerprint
+
+def test_crf_resume_discards_seeds_made_by_other_code(demo, tmp_path, monkeypatch, caplog):
+    import pipeline.refine.seeds as seeds_module
+
+    params, prepared_dir, cams = demo
+    out = tmp_path / "seeds.zarr"
+    monkeypatch.setattr(seeds_module, "make_seed", _kill_on_call(5, make_seed))
+    with pytest.raises(KeyboardInterrupt):
+        make_seed_store(prepared_dir, params["data"], cams, out, params["crf"], params["compute"])
+    monkeypatch.undo()
+    # same code: resumes past the two finished shards
+    monkeypatch.setattr(seeds_module, "make_seed", _kill_on_call(2, make_seed))
+    with pytest.raises(KeyboardInterrupt):
+        make_seed_store(prepared_dir, params["data"], cams, out, params["crf"], params["compute"])
+    monkeypatch.undo()
+    # the code changed in between: every shard is recomputed, and the log says why
+    monkeypatch.setattr(provenance, "code_digest", lambda: "edited-code")
+    with caplog.at_level(logging.INFO, logger="wsss"):
+        m = make_seed_store(prepared_dir, params["data"], cams, out, params["crf"], params["compute"])
+    assert m["resumed_shards"] == 0 and m["computed_shards"] == 3
+    assert "discarding the partial result" in caplog.text and "inputs.code" in caplog.text
+    assert open_store(out).attrs["inputs"]["code"] == "edited-code"
+
+
+def test_random_walk_resume_discards_masks_of_an_older_affinity_model(demo, tmp_path, monkeypatch, caplog):
+    import pipeline.refine.random_walk as rw_module
+
+    params, prepared_dir, cams = demo
+    ck = tmp_path / "affinity.pt"
+
+    def save_model(seed):
+        torch.manual_seed(seed)
+        save_checkpoint(ck, affinity_checkpoint(AffinityNet(build_backbone("tiny", "none"), stride=4), "tiny", radius=2))
+
+    run = lambda out: make_pseudo_store(prepared_dir, params["data"], cams, ck, out, RW, params["crf"],  # noqa: E731
+                                        params["compute"])
+    save_model(1)
+    monkeypatch.setattr(rw_module, "make_pseudo_mask", _kill_on_call(5, make_pseudo_mask))
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "pseudo.zarr")
+    monkeypatch.undo()
+    save_model(2)  # AffinityNet retrained between the kill and the re-run
+    with caplog.at_level(logging.INFO, logger="wsss"):
+        m = run(tmp_path / "pseudo.zarr")
+    assert m["resumed_shards"] == 0 and "inputs.affinity_model" in caplog.text
+    clean = run(tmp_path / "clean.zarr")
+    assert clean["resumed_shards"] == 0
+    for a, b in zip(_read_all(tmp_path / "pseudo.zarr", "mask"), _read_all(tmp_path / "clean.zarr", "mask")):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_point_names_what_changed(tmp_path, caplog):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "resume.pt"
+    ResumePoint(path, "s", "train_x", inputs={"prepared": "a", "labels": "l"}).save(model, opt, [{"epoch": 1}], 1)
+    assert ResumePoint(path, "s", "train_x", inputs={"prepared": "a", "labels": "l"}).restore(model, opt)[1] == 1
+    with caplog.at_level(logging.INFO, logger="wsss"):
+        assert ResumePoint(path, "s", "train_x", inputs={"prepared": "b", "labels": "l"}).restore(model, opt) == ([], 0)
+    assert "made from other prepared" in caplog.text
+
+
+# ---------------------------------------------------------------- 2. train_cam: the data it trained on
+
+def test_train_cam_resume_ignores_a_checkpoint_of_other_data(tmp_path, monkeypatch, caplog):
+    import pipeline.training as training
+    from pipeline.cam.run import train_and_save
+
+    def prepared_from(seed):
+        params, d = tiny_demo(tmp_path / f"data{seed}", num_train=8, num_val=1, seed=seed)
+        params["cam"].update(epochs=2, batch_size=4, crop_size=32, num_workers=0)
+        return params, PreparedData(params["data"], d)
+
+    params_a, data_a = prepared_from(0)
+    params_b, data_b = prepared_from(1)  # same image count, other images
+    assert data_a.ids("train") == data_b.ids("train")
+    resume = tmp_path / "resume" / "resume.pt"
+    real_save = training.ResumePoint.save
+
+    def killed_after_first_epoch(self, *args):
+        real_save(self, *args)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(training.ResumePoint, "save", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_save(data_a, params_a, torch.device("cpu"), tmp_path / "a.pt", resume)
+    monkeypatch.undo()
+    assert resume.is_file()
+    with caplog.at_level(logging.INFO, logger="wsss"):
+        train_and_save(data_b, params_b, torch.device("cpu"), tmp_path / "b.pt", resume)
+    assert "made from other prepared" in caplog.text and "resuming" not in caplog.text
+    train_and_save(data_b, params_b, torch.device("cpu"), tmp_path / "clean.pt", tmp_path / "r2" / "resume.pt")
+    got = torch.load(tmp_path / "b.pt", weights_only=True)["state_dict"]
+    want = torch.load(tmp_path / "clean.pt", weights_only=True)["state_dict"]
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, msg=name)
+
+
+# ---------------------------------------------------------------- 5. dataset edits reach DVC
+
+def _folder_dataset(root: Path) -> Path:
+    import cv2
+
+    (root / "images").mkdir(parents=True)
+    (root / "classes.txt").write_text("cat\ndog\n")
+    rows = ["image,labels"]
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        cv2.imwrite(str(root / "images" / f"im{i}.png"), rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+        rows.append(f"im{i}.png,{'cat' if i % 2 else 'dog'}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_dataset_digest_follows_file_contents(tmp_path):
+    root = _folder_dataset(tmp_path / "ds")
+    data = dict(defaults()["data"], dataset="folder", root=str(root))
+    cache = tmp_path / "cache.json"
+    first = provenance.dataset_digest(data, cache)
+    assert first["files"] == 14 and provenance.dataset_digest(data, cache)["digest"] == first["digest"]
+    os.utime(root / "labels.csv")  # touched, same content: same digest
+    assert provenance.dataset_digest(data, cache)["digest"] == first["digest"]
+    with open(root / "labels.csv", "a") as f:
+        f.write("im0.png,cat\n")
+    assert provenance.dataset_digest(data, cache)["digest"] != first["digest"]
+    edited = provenance.dataset_digest(data, cache)["digest"]
+    import cv2
+
+    img = cv2.imread(str(root / "images/im3.png"))
+    img[0, 0] = 255 - img[0, 0]
+    cv2.imwrite(str(root / "images/im3.png"), img)
+    assert provenance.dataset_digest(data, cache)["digest"] != edited
+
+
+def _run(cmd, cwd):
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"], DVC_NO_ANALYTICS="1")
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_editing_labels_csv_or_an_image_reruns_prepare_under_dvc(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("pipeline", "stages"):
+        shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", repo / ".gitignore")
+    root = _folder_dataset(tmp_path / "ds")
+    params = preset("tiny")
+    params["data"].update(dataset="folder", root=str(root), folder_val_fraction=0.5)
+    (repo / "params.yaml").write_text(render_params(params))
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "ci@example.com"],
+                ["git", "config", "user.name", "ci"], ["dvc", "init", "-q"]):
+        _run(cmd, repo)
+    out = _run(["dvc", "repro", "prepare"], repo)
+    assert "Running stage 'prepare'" in out
+    out = _run(["dvc", "repro", "prepare"], repo)
+    assert "Running stage 'digest_data'" in out and "Running stage 'prepare'" not in out
+    csv_path = root / "labels.csv"
+    csv_path.write_text(csv_path.read_text().replace("im0.png,dog", "im0.png,dog;cat"))  # a label edit
+    assert "Running stage 'prepare'" in _run(["dvc", "repro", "prepare"], repo)
+    import cv2
+
+    img = cv2.imread(str(root / "images/im2.png"))
+    cv2.imwrite(str(root / "images/im2.png"), 255 - img)
+    assert "Running stage 'prepare'" in _run(["dvc", "repro", "prepare"], repo)
+    index = json.loads((repo / "data/prepared/index.json").read_text())
+    assert index["source_digest"] == json.loads((repo / "data/dataset_digest.json").read_text())["digest"]
+
+
+# ---------------------------------------------------------------- 6. a missing or corrupt shard is an error
+
+def _small_store(path, n=6, shard=2):
+    ids = [f"im{i}" for i in range(n)]
+    rng = np.random.default_rng(0)
+    return write_store(path, ids, [[8, 10]] * n, {"mask": ArraySpec("uint8", fill=255)}, {"kind": "t"},
+                       lambda idx: {"mask": [rng.integers(0, 3, (8, 10), dtype=np.uint8) for _ in idx]},
+                       shard_images=shard)
+
+
+def test_missing_shard_names_the_store_and_the_images(tmp_path):
+    path = _small_store(tmp_path / "s.zarr")
+    Store(path).read("mask", "im3")
+    os.remove(path / "mask" / "c" / "1" / "0" / "0")
+    with pytest.raises(StoreError, match=r"s\.zarr.*missing.*'im2', 'im3'"):
+        Store(path).read("mask", "im3")
+    Store(path).read("mask", "im4")  # other shards still read
+
+
+def test_corrupt_shard_names_the_store_and_the_image(tmp_path):
+    path = _small_store(tmp_path / "s.zarr")
+    (path / "mask" / "c" / "2" / "0" / "0").write_bytes(b"not a shard" * 7)
+    with pytest.raises(StoreError, match=r"s\.zarr.*images \['im5'\]"):
+        Store(path).read("mask", "im5")
+
+
+def test_a_shard_that_is_all_fill_is_not_missing(tmp_path):
+    ids = ["a", "b", "c"]
+    path = write_store(tmp_path / "s.zarr", ids, [[4, 4]] * 3, {"mask": ArraySpec("uint8", fill=255)}, {},
+                       lambda idx: {"mask": [np.full((4, 4), 255 if i == 0 else 1, np.uint8) for i in idx]},
+                       shard_images=1)
+    assert (Store(path).read("mask", "a") == 255).all() and (Store(path).read("mask", "b") == 1).all()
+
+
+def test_export_cli_fails_on_a_missing_shard(tmp_path, demo):
+    params, prepared_dir, cams = demo
+    out = tmp_path / "pseudo.zarr"
+    make_pseudo_store(prepared_dir, params["data"], cams, None, out, dict(RW, enabled=False), params["crf"],
+                      params["compute"])
+    os.remove(out / "mask" / "c" / "0" / "0" / "0")
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(render_params(params))
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", "--store", str(out), "--prepared",
+                          str(prepared_dir), "--params", str(pfile), "--out", str(tmp_path / "exp"),
+                          "--format", "voc"], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode != 0
+    assert "pseudo.zarr" in res.stderr and "missing" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+# ---------------------------------------------------------------- 7. replacing a finished store is atomic
+
+def test_replacing_a_store_never_leaves_it_half_deleted(tmp_path, monkeypatch):
+    import pipeline.store as store_module
+
+    path = _small_store(tmp_path / "s.zarr")
+    old = [Store(path).read("mask", i) for i in range(6)]
+    real_rmtree = shutil.rmtree
+
+    def killed_while_deleting(p, *a, **k):
+        raise KeyboardInterrupt("killed while deleting the old store")
+
+    ids = [f"im{i}" for i in range(6)]
+    w = StoreWriter(path, ids, [[8, 10]] * 6, {"mask": ArraySpec("uint8", fill=255)}, {"kind": "t2"}, shard_images=2)
+    for s in w.pending_shards():
+        w.write_shard(s, {"mask": [np.full((8, 10), 7, np.uint8)] * len(w.shard_indices(s))})
+    monkeypatch.setattr(store_module.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        w.commit()
+    monkeypatch.setattr(store_module.shutil, "rmtree", real_rmtree)
+    # the final name holds the complete new store; the old one sits aside, whole
+    new = Store(path)
+    assert new.attrs["kind"] == "t2" and all((new.read("mask", i) == 7).all() for i in range(6))
+    aside = list(tmp_path.glob("s.zarr.old-*"))
+    assert len(aside) == 1 and np.array_equal(Store(aside[0]).read("mask", 0), old[0])
+    _small_store(tmp_path / "s.zarr")  # the next replacement clears what the killed one left
+    assert not list(tmp_path.glob("s.zarr.old-*"))
+
+
+def test_checkpoint_on_a_full_disk_names_the_path_and_leaves_no_tmp(tmp_path, monkeypatch):
+    import errno
+
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match=r"model\.pt.*No space left"):
+        save_checkpoint(tmp_path / "model.pt", {"x": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- 8. params checked at load, naming the key
+
+@pytest.mark.parametrize("assignment,key", [
+    ("cam.lr=.nan", "cam.lr"), ("rw.beta=.inf", "rw.beta"), ("crf.bg_threshold=.nan", "crf.bg_threshold"),
+    ("seg.eval_scales=[1.0, .nan]", "seg.eval_scales"), ("cam.scales=[-1]", "cam.scales"),
+    ("cam.scales=[0.0]", "cam.scales"), ("cam.method=no_such_cam", "cam.method"),
+    ("cam.backbone=resnet19", "cam.backbone"), ("seg.backbone=resnet19", "seg.backbone"),
+    ("crf.mode=crfnet", "crf.mode"), ("cam.method=no.such.module:Cam", "cam.method"),
+])
+def test_bad_params_fail_at_load_naming_the_key(assignment, key):
+    with pytest.raises(ParamsError, match=rf"param {key}"):
+        with_overrides(defaults(), [assignment])
+
+
+def test_load_accepts_registered_names_and_dotted_paths():
+    p = validate({"cam": {"method": "gradcampp", "backbone": "resnet18"}, "crf": {"mode": "irnet"}})
+    assert p["cam"]["method"] == "gradcampp"
+    assert validate({"cam": {"method": "pipeline.cam.methods:GradCAM"}})["cam"]["method"].endswith("GradCAM")
