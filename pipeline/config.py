@@ -1,9 +1,11 @@
 """Params: one namespace per stage, read once from ``params.yaml`` and validated.
 
 ``load_params(path)`` returns a nested dict with every key present (defaults filled in) and
-raises :class:`ParamsError` naming the dotted key on an unknown key, a wrong type or an
-out-of-range value. The schema below is the single source of the defaults; ``params.yaml``
-mirrors it so DVC can track each key.
+raises :class:`ParamsError` naming the dotted key on an unknown key, a wrong type, a non-finite or
+out-of-range value, or a name no registry knows. The schema below is the single source of the
+defaults; named presets overlay it: ``demo`` (what the committed ``params.yaml`` holds, rendered by
+``wsss params --preset demo``; a test keeps the two equal), ``tiny``, ``photos`` and the published
+settings ``psa`` and ``irnet``.
 """
 from __future__ import annotations
 
@@ -177,8 +179,46 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
 }
 
-# Small and fast everything, for tests and smoke runs (``wsss params --preset tiny``).
+# Published settings mapped onto our params (../docs/REFERENCE.md): a ResNet-50 stands in for PSA's
+# ResNet-38; image-size ranges become scale ranges for ~500 px VOC photos. Set data.root.
+_VOC = {"dataset": "voc", "root": "data/VOC2012"}
+_FOUR_SCALES = {"scales": [1.0, 0.5, 1.5, 2.0], "flip": True}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The synthetic demo of `make demo`: params.yaml is exactly this preset rendered.
+    "demo": {
+        "cam": {"scales": [1.5, 2.0]},
+        "rw": {"logt": 6, "alpha": 4.0},
+        "seg": {"backbone": "efficientnet_lite0", "weights": "imagenet", "epochs": 10, "aspp_channels": 64},
+        "compute": {"torch_threads": 1},
+    },
+    # AffinityNet (Ahn & Kwak, CVPR 2018)
+    "psa": {
+        "data": dict(_VOC),
+        "cam": {"backbone": "resnet50", "weights": "imagenet", "epochs": 15, "batch_size": 16, "lr": 0.1,
+                "weight_decay": 5e-4, "crop_size": 448, "scale_min": 0.5, "scale_max": 1.0, "stride": 4, **_FOUR_SCALES},
+        "crf": {"mode": "affinitynet", "merge": "published", "thresholds": "fixed", "alpha_fg": 4.0, "alpha_bg": 32.0,
+                "iterations": 10, "gaussian_sxy": 3.0, "gaussian_compat": 3.0, "bilateral_sxy": 80.0,
+                "bilateral_srgb": 13.0, "bilateral_compat": 10.0},
+        "affinity": {"radius": 5, "stride": 8, "lr": 0.1, "batch_size": 8, "epochs": 8, "crop_size": 448,
+                     "scale_min": 0.5, "scale_max": 1.0},
+        "rw": {"beta": 8.0, "logt": 8, "background": "fixed", "alpha": 16.0},
+        "seg": {"backbone": "resnet50", "weights": "imagenet", "crop_size": 321},
+    },
+    # IRNet (Ahn, Cho & Kwak, CVPR 2019). Its walk pads a constant background score of 0.25; the
+    # alpha whose (1 - m)^alpha crosses m at 0.25 is 4.82.
+    "irnet": {
+        "data": dict(_VOC),
+        "cam": {"backbone": "resnet50", "weights": "imagenet", "epochs": 5, "batch_size": 16, "lr": 0.1,
+                "weight_decay": 1e-4, "crop_size": 512, "scale_min": 0.5, "scale_max": 1.5, "stride": 4,
+                **_FOUR_SCALES},
+        "crf": {"mode": "irnet", "merge": "published", "thresholds": "fixed", "fg_threshold": 0.30,
+                "bg_threshold": 0.05, "gt_prob": 0.7, "iterations": 10, "gaussian_sxy": 3.0, "gaussian_compat": 3.0,
+                "bilateral_sxy": 50.0, "bilateral_srgb": 5.0, "bilateral_compat": 10.0},
+        "affinity": {"radius": 5, "stride": 4, "crop_size": 512, "scale_min": 0.5, "scale_max": 1.5},
+        "rw": {"beta": 10.0, "logt": 8, "background": "fixed", "alpha": 4.82},
+        "seg": {"backbone": "resnet50", "weights": "imagenet", "crop_size": 321},
+    },
+    # Small and fast everything, for tests and smoke runs (``wsss params --preset tiny``).
     "tiny": {
         "data": {"demo_num_train": 24, "demo_num_val": 8, "demo_min_side": 48, "demo_max_side": 64, "gallery_ids": 2},
         "cam": {"backbone": "tiny", "weights": "none", "epochs": 2, "batch_size": 8, "crop_size": 48,

@@ -65,3 +65,51 @@ def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
 
 def test_tiny_preset_is_valid():
     validate(preset("tiny"))
+
+
+def test_committed_params_yaml_is_the_demo_preset_rendered():
+    """One source of defaults: params.yaml is `wsss params --preset demo`, byte for byte."""
+    from pathlib import Path
+
+    from pipeline.config import render_params
+
+    committed = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    assert committed == render_params(preset("demo"))
+
+
+@pytest.mark.parametrize("name", ["demo", "tiny", "photos", "psa", "irnet"])
+def test_every_preset_is_valid(name):
+    validate(preset(name))
+
+
+def test_published_presets_hold_the_papers_settings():
+    psa, irnet = preset("psa"), preset("irnet")
+    assert (psa["rw"]["beta"], psa["rw"]["logt"], psa["rw"]["alpha"], psa["affinity"]["stride"]) == (8.0, 8, 16.0, 8)
+    assert (psa["crf"]["alpha_fg"], psa["crf"]["alpha_bg"], psa["crf"]["bilateral_srgb"]) == (4.0, 32.0, 13.0)
+    assert (irnet["crf"]["fg_threshold"], irnet["crf"]["bg_threshold"], irnet["crf"]["bilateral_sxy"]) == (0.30, 0.05, 50.0)
+    assert (irnet["rw"]["beta"], irnet["affinity"]["stride"]) == (10.0, 4)
+    # IRNet's constant background score 0.25 <=> (1 - m)^alpha = m at m = 0.25
+    assert abs((1 - 0.25) ** irnet["rw"]["alpha"] - 0.25) < 1e-3
+
+
+def test_stage_paths_match_dvc_yaml():
+    """Every path stages/common.py names is an output or dependency in dvc.yaml, spelled the same."""
+    from pathlib import Path
+
+    import yaml
+
+    import stages.common as common
+
+    root = Path(__file__).resolve().parents[1]
+    graph = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    declared = set()
+    for stage in graph.values():
+        for kind in ("deps", "outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                declared.add(str(next(iter(entry))) if isinstance(entry, dict) else str(entry))
+    paths = {name: str(v) for name, v in vars(common).items() if isinstance(v, Path) and name.isupper()}
+    undeclared_ok = {"DIGEST_CACHE"}  # a stat cache beside the output, not tracked
+    for name, path in paths.items():
+        if name in undeclared_ok:
+            continue
+        assert path in declared or any(d.startswith(path + "/") for d in declared), (name, path)
