@@ -55,7 +55,7 @@ def median_time(fn, repeats):
 def single_image(repeats: int):
     import cv2
 
-    from pipeline.refine.common import grid_to_image, with_background
+    from pipeline.labels import grid_to_image, with_background
     from pipeline.refine.crf import CrfSettings, crf_marginals
     from pipeline.refine.seeds import seeds_for_image
 

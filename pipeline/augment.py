@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.store import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.store import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX
 
 
 def percent(value) -> float | None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets import DatasetError, open_dataset
-from pipeline.store import ArraySpec, IGNORE_INDEX, replace_dir, write_store
+from pipeline.labels import IGNORE_INDEX
+from pipeline.store import ArraySpec, replace_dir, write_store
 from pipeline.visual import grid, overlay, save_png
 
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from pipeline.augment import normalise, random_scale_crop_flip
 from pipeline.metrics import ConfusionMatrix
-from pipeline.store import IGNORE_INDEX, ArraySpec, Store, fingerprint, write_store
+from pipeline.labels import IGNORE_INDEX
+from pipeline.store import ArraySpec, Store, fingerprint, write_store
 from pipeline.training import ResumePoint, autocast, images_to, param_groups, to_device, train_loop
 
 log = logging.getLogger("wsss")
@@ -142,21 +143,14 @@ def predict_probs(model: torch.nn.Module, image: np.ndarray, device: torch.devic
 
 
 def crf_refine(image: np.ndarray, probs: np.ndarray, crf: dict) -> np.ndarray:
-    """Dense-CRF refinement of (C, H, W) probabilities with the ``crf`` params namespace's kernels.
+    """Dense-CRF refinement of (C, H, W) probabilities with the ``crf`` params namespace (kernels,
+    iterations, ``crf.scale``): the same CRF as the seeds (:func:`pipeline.refine.crf.crf_marginals`).
 
-    Returns (C, H, W) float32 marginals after ``crf.iterations`` mean-field steps.
+    Returns (C, H, W) float32 marginals.
     """
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
+    from pipeline.refine.crf import CrfSettings, crf_marginals
 
-    c, h, w = probs.shape
-    d = dcrf.DenseCRF2D(w, h, c)
-    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.clip(probs, 1e-8, 1.0))))
-    d.addPairwiseGaussian(sxy=crf["gaussian_sxy"], compat=crf["gaussian_compat"])
-    d.addPairwiseBilateral(sxy=crf["bilateral_sxy"], srgb=crf["bilateral_srgb"],
-                           rgbim=np.ascontiguousarray(image), compat=crf["bilateral_compat"])
-    q = d.inference(crf["iterations"])
-    return np.asarray(q, np.float32).reshape(c, h, w)
+    return crf_marginals(image, probs, CrfSettings.from_params(crf))
 
 
 def predict_mask(model: torch.nn.Module, image: np.ndarray, device: torch.device, seg: dict,

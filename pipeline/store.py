@@ -40,7 +40,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-IGNORE_INDEX = 255
+from pipeline.labels import IGNORE_INDEX
+
 FORMAT_VERSION = 1
 
 log = logging.getLogger("wsss")

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 
 from pipeline.augment import MEAN, STD
 from pipeline.cam import (CamInference, CamMethod, CamOutput, ClassActivationMap, GradCAM, GradCAMPlusPlus,
-                          ThresholdSweep, build_method, cams_to_image, pseudo_label, threshold_range, top_label)
+                          ThresholdSweep, build_method, pseudo_label, threshold_range, top_label)
 from pipeline.cam.infer import scale_inputs
 from pipeline.cam.run import evaluate_cam_store, make_cam_store
 from pipeline.cam.train import ClassificationSet, average_precision, train_classifier
 from pipeline.config import preset
 from pipeline.datasets import PreparedData
+from pipeline.labels import grid_to_image
 from pipeline.models.backbones import Backbone
 from pipeline.models.classifier import CamClassifier, build_classifier, load_classifier, save_classifier
 from pipeline.prepare import prepare_dataset
@@ -91,7 +92,7 @@ def test_cam_peak_lies_inside_the_object():
     with torch.no_grad():
         model.classifier.weight.fill_(1.0)
     cams, _ = run_one(model.eval(), image, [1], scales=(1.0, 0.5, 1.5, 2.0), flip=True, stride=4)
-    full = cams_to_image(cams, (h, w), 4)[0]
+    full = grid_to_image(cams, (h, w), 4)[0]
     py, px = np.unravel_index(full.argmax(), full.shape)
     assert y0 <= py < y1 and x0 <= px < x1
     assert cams.max() == pytest.approx(1.0, abs=1e-6)
@@ -229,9 +230,9 @@ def test_top_label_picks_the_labelled_class_with_highest_logit():
     assert top_label([1, 3], np.array([0.5, 9.0, 0.7])) == 3
 
 
-def test_cams_to_image_keeps_cell_centres():
+def test_grid_to_image_keeps_cell_centres():
     cam = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
-    full = cams_to_image(cam, (11, 15), 4)
+    full = grid_to_image(cam, (11, 15), 4)
     assert full.shape == (1, 11, 15)
     # cell (j, i) is centred at ((j + 0.5)·4, (i + 0.5)·4): between pixels 4j+1 and 4j+2
     assert full[0, 5:7, 5:7].mean() == pytest.approx(5.0) and full[0, 5:7, 9:11].mean() == pytest.approx(6.0)

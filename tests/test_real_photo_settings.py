@@ -13,7 +13,7 @@ from pipeline.models.affinity import AffinityNet, build_affinity_net, pair_offse
 from pipeline.models.backbones import build_backbone
 from pipeline.models.classifier import build_classifier
 from pipeline.models.segmenter import Segmenter
-from pipeline.refine.common import with_background
+from pipeline.labels import with_background
 from pipeline.refine.random_walk import background_alpha, pseudo_mask, resolve_background
 from pipeline.refine.seeds import merge_seeds, resolve_thresholds
 

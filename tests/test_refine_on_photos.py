@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cam.evaluate import ThresholdSweep, cams_to_image, threshold_range
+from pipeline.cam.evaluate import ThresholdSweep, threshold_range
 from pipeline.config import defaults
+from pipeline.labels import grid_to_image
 from pipeline.metrics import ConfusionMatrix
 from pipeline.models.affinity import pair_offsets
 from pipeline.refine.random_walk import pseudo_mask, resolve_background
@@ -69,7 +70,7 @@ def photos():
         items.append((image, mask, classes, blurry_cams(mask, classes)))
     sweep = ThresholdSweep(threshold_range(0.05, 0.6, 0.05), NUM_CLASSES)
     for image, mask, classes, cams in items:
-        full = cams_to_image(cams, mask.shape, STRIDE)
+        full = grid_to_image(cams, mask.shape, STRIDE)
         index = np.zeros((NUM_CLASSES - 1,) + mask.shape, np.float32)  # channels by class index - 1
         for k, c in enumerate(classes):
             index[c - 1] = full[k]

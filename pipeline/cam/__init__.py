@@ -3,10 +3,10 @@
 Importing this package registers the built-in methods ``cam``, ``gradcam`` and ``gradcampp`` in
 ``pipeline.registry.CAM_METHODS``.
 """
-from pipeline.cam.evaluate import ThresholdSweep, cams_to_image, pseudo_label, threshold_range, top_label
+from pipeline.cam.evaluate import ThresholdSweep, pseudo_label, threshold_range, top_label
 from pipeline.cam.infer import CamInference, compute_cams
 from pipeline.cam.methods import CamMethod, CamOutput, ClassActivationMap, GradCAM, GradCAMPlusPlus, build_method
 
 __all__ = ["CamInference", "CamMethod", "CamOutput", "ClassActivationMap", "GradCAM", "GradCAMPlusPlus",
-           "ThresholdSweep", "build_method", "cams_to_image", "compute_cams", "pseudo_label", "threshold_range",
+           "ThresholdSweep", "build_method", "compute_cams", "pseudo_label", "threshold_range",
            "top_label"]

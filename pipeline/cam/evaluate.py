@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import cv2
 import numpy as np
 
 from pipeline.metrics import ConfusionMatrix, percent
@@ -22,21 +21,6 @@ def threshold_range(lo: float, hi: float, step: float) -> list[float]:
         raise ValueError(f"param cam.eval_thr_min ({lo}) must not exceed cam.eval_thr_max ({hi})")
     n = int(np.floor((hi - lo) / step + 1e-9)) + 1
     return [round(lo + i * step, 6) for i in range(n)]
-
-
-def cams_to_image(cam: np.ndarray, size: Sequence[int], stride: int) -> np.ndarray:
-    """(K, ceil(H/s), ceil(W/s)) stride-grid maps -> (K, H, W) float32 (bilinear, cell j centred at (j+0.5)·s)."""
-    h, w = int(size[0]), int(size[1])
-    k, gh, gw = cam.shape
-    if k == 0:
-        return np.zeros((0, h, w), np.float32)
-    src = np.ascontiguousarray(cam.astype(np.float32).transpose(1, 2, 0))
-    if stride == 1:
-        up = src
-    else:
-        up = cv2.resize(src, (gw * stride, gh * stride), interpolation=cv2.INTER_LINEAR)
-    up = up.reshape(gh * stride, gw * stride, k)[:h, :w]
-    return np.ascontiguousarray(up.transpose(2, 0, 1))
 
 
 def pseudo_label(cam_full: np.ndarray, threshold: float) -> np.ndarray:

@@ -6,7 +6,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from pipeline.cam.evaluate import cams_to_image, pseudo_label
+from pipeline.cam.evaluate import pseudo_label
+from pipeline.labels import grid_to_image
 from pipeline.visual import colourise, grid, heatmap
 
 
@@ -26,7 +27,7 @@ def cam_gallery(rows: Sequence[dict], class_names: Sequence[str], palette: np.nd
     pictures, labels = [], []
     for r in rows:
         image, size = r["image"], r["image"].shape[:2]
-        full = cams_to_image(np.asarray(r["cam"], np.float32), size, stride)
+        full = grid_to_image(np.asarray(r["cam"], np.float32), size, stride)
         gt = r["gt"] if r["gt"] is not None else np.full(size, 255, np.uint8)
         row = [image, colourise(gt, palette), colourise(pseudo_label(full, threshold), palette)]
         for c in r["labels"]:

@@ -8,11 +8,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.cam.evaluate import ThresholdSweep, cams_to_image, threshold_range, top_label
+from pipeline.cam.evaluate import ThresholdSweep, threshold_range, top_label
 from pipeline.cam.gallery import cam_gallery
 from pipeline.cam.infer import CamInference, compute_cams
 from pipeline.cam.methods import build_method
 from pipeline.cam.train import ClassificationSet, mean_average_precision, predict_scores, train_classifier
+from pipeline.labels import grid_to_image
 from pipeline.models.classifier import CamClassifier, save_classifier
 from pipeline.progress import progress_bar
 from pipeline.provenance import file_digest, prepared_digest  # noqa: F401 (file_digest: used by stages/make_cam)
@@ -104,7 +105,7 @@ def evaluate_cam_store(prepared, store: Store, model: CamClassifier, logits_by_i
             logits = logits_by_id.get(image_id)
             if logits is None:  # computed by an earlier, interrupted run: score it again
                 logits = predict_scores(model, [prepared.image(image_id)], device)[0]
-            full = cams_to_image(store.read("cam", i).astype(np.float32), gt.shape, stride)
+            full = grid_to_image(store.read("cam", i).astype(np.float32), gt.shape, stride)
             sweep.update(full, gt, top_label(prepared.labels(image_id), logits))
     out = sweep.summary(prepared.class_names)
     out["method"] = cam["method"]

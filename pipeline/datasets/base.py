@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.datasets.imageio import DatasetError, exif_orientation, read_label_png, read_rgb, voc_palette
-from pipeline.store import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX
 
 
 class ExcludedItem(DatasetError):

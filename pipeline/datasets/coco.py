@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.datasets.base import Dataset, ExcludedItem, check_id
 from pipeline.datasets.imageio import DatasetError
-from pipeline.store import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -25,7 +25,8 @@ from pipeline.export.formats import (READERS, ExportError, read_coco, read_voc, 
 from pipeline.export.manifest import build_manifest, datasheet, dvc_lock_hashes_status, git_revision_status, utc_now
 from pipeline.metrics import ConfusionMatrix
 from pipeline.progress import progress_bar
-from pipeline.store import IGNORE_INDEX, Store, StoreError
+from pipeline.labels import IGNORE_INDEX
+from pipeline.store import Store, StoreError
 
 log = logging.getLogger("wsss")
 

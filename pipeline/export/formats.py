@@ -22,7 +22,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from pipeline.datasets.imageio import read_label_png, write_label_png
-from pipeline.store import IGNORE_INDEX, Store
+from pipeline.labels import IGNORE_INDEX
+from pipeline.store import Store
 
 
 class ExportError(ValueError):

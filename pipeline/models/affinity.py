@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.models.backbones import Backbone, build_backbone
-from pipeline.store import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX
 
 
 def pair_offsets(radius: int) -> list[tuple[int, int]]:

@@ -1,5 +1,5 @@
-"""Pieces the refiners share: CAM resampling, the background channel, per-process input caches,
-and the loop that maps a per-image function over a store through the dask helper."""
+"""Pieces the refiners share: reading CAMs, per-process input caches, and the loop that maps a
+per-image function over a store through the dask helper (label conventions: ``pipeline.labels``)."""
 from __future__ import annotations
 
 import json
@@ -7,37 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
-
-from pipeline.store import IGNORE_INDEX
-
-
-def resize_maps(maps: np.ndarray, size: Sequence[int], interp=cv2.INTER_LINEAR) -> np.ndarray:
-    """(K, h, w) float -> (K, H, W) float32 (cv2 resize, channel by channel in one call)."""
-    h, w = int(size[0]), int(size[1])
-    maps = np.asarray(maps, np.float32)
-    k = maps.shape[0]
-    if k == 0:
-        return np.zeros((0, h, w), np.float32)
-    if maps.shape[1:] == (h, w):
-        return maps.copy()
-    out = np.empty((k, h, w), np.float32)
-    for lo in range(0, k, 256):  # cv2 handles at most 512 channels per call
-        part = cv2.resize(np.ascontiguousarray(maps[lo:lo + 256].transpose(1, 2, 0)), (w, h), interpolation=interp)
-        out[lo:lo + 256] = part.reshape(h, w, -1).transpose(2, 0, 1)
-    return out
-
-
-def grid_to_image(maps: np.ndarray, size: Sequence[int], stride: int) -> np.ndarray:
-    """Maps on a stride grid (K, ceil(H/s), ceil(W/s)) -> (K, H, W) float32.
-
-    Grid cell i covers pixels [i*s, (i+1)*s): resize to the padded canvas, then crop, so the
-    geometry is exact whatever H mod s is.
-    """
-    h, w = int(size[0]), int(size[1])
-    gh, gw = maps.shape[-2:]
-    return resize_maps(maps, (gh * stride, gw * stride))[:, :h, :w]
 
 
 def required_cam_threshold(setting: str, cam_threshold: float | None) -> float:
@@ -47,27 +17,6 @@ def required_cam_threshold(setting: str, cam_threshold: float | None) -> float:
         raise ValueError(f"param {setting}=cam_sweep: the CAM threshold sweep has no best threshold (metrics/cam.json "
                          f"needs train images with GT); set {setting}: fixed")
     return float(cam_threshold)
-
-
-def present_classes(labels: Sequence[int]) -> list[int]:
-    """Sorted, unique foreground class indices (1..C-1)."""
-    return sorted({int(c) for c in labels})
-
-
-def with_background(cams: np.ndarray, alpha: float) -> np.ndarray:
-    """(K, h, w) foreground scores -> (1 + K, h, w) with channel 0 = (1 - max_k cam)^alpha."""
-    fg_max = cams.max(0) if len(cams) else np.zeros(cams.shape[1:], np.float32)
-    bg = np.power(np.clip(1.0 - fg_max, 0.0, 1.0), alpha).astype(np.float32)
-    return np.concatenate([bg[None], cams.astype(np.float32)], 0)
-
-
-def to_class_labels(index: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """Channel index map (0 = background, k = classes[k-1]) -> uint8 class labels (255 kept)."""
-    lut = np.full(256, IGNORE_INDEX, np.uint8)
-    lut[0] = 0
-    for k, c in enumerate(classes, start=1):
-        lut[k] = c
-    return lut[np.asarray(index).astype(np.int64).clip(0, 255)]
 
 
 @lru_cache(maxsize=4)
@@ -155,7 +104,8 @@ def write_scored_label_store(prepared, ids: Sequence[str], out_path, array: str,
 
     from pipeline.compute import dask_client
     from pipeline.metrics import ConfusionMatrix
-    from pipeline.store import IGNORE_INDEX, ArraySpec, StoreWriter
+    from pipeline.labels import IGNORE_INDEX
+    from pipeline.store import ArraySpec, StoreWriter
 
     writer = StoreWriter(out_path, ids, prepared.sizes(ids), {array: ArraySpec("uint8", stride=1, fill=IGNORE_INDEX)},
                          attrs, shard_images=compute["shard_images"])

@@ -5,8 +5,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.refine.common import grid_to_image, present_classes, to_class_labels, with_background
-from pipeline.store import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX, grid_to_image, present_classes, to_class_labels, with_background
 from pipeline.visual import colourise, grid, heatmap
 
 

@@ -19,11 +19,11 @@ import cv2
 import numpy as np
 import torch
 
+from pipeline.labels import (IGNORE_INDEX, grid_to_image, present_classes, resize_maps, to_class_labels,
+                             with_background)
 from pipeline.models.affinity import in_bounds, shifted
-from pipeline.refine.common import (grid_to_image, open_prepared, open_store, present_classes, read_cams,
-                                    required_cam_threshold, resize_maps, to_class_labels, with_background,
+from pipeline.refine.common import (open_prepared, open_store, read_cams, required_cam_threshold,
                                     write_scored_label_store)
-from pipeline.store import IGNORE_INDEX
 
 Offsets = Sequence[tuple[int, int]]
 
