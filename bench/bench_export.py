@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_params  # noqa: E402
 from pipeline.datasets import PreparedData  # noqa: E402
 from pipeline.export import iter_store_masks, run_export  # noqa: E402
-from pipeline.store import IGNORE_INDEX, ArraySpec, Store, write_store  # noqa: E402
+from pipeline.labels import IGNORE_INDEX  # noqa: E402
+from pipeline.store import ArraySpec, Store, write_store  # noqa: E402
 
 
 def folder_bytes(path: Path) -> int:

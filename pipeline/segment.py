@@ -1,4 +1,4 @@
-"""Training and inference for the final segmenter (see :mod:`pipeline.models.segmenter`).
+"""Training and inference for the final segmenter (the model and its checkpoint: :mod:`pipeline.models.segmenter`).
 
 - :func:`mask_source` gives the training labels: the pseudo masks (``data/pseudo.zarr``) or,
   for the fully-supervised upper bound, the ground truth.
@@ -188,31 +188,3 @@ def score_store(store: Store, prepared, ids: Sequence[str] | None = None, array:
         if gt is not None:
             cm.update(store.read(array, image_id), gt)
     return cm
-
-
-ARCH_KEYS = ("backbone", "aspp_rates", "aspp_channels", "dropout")
-
-
-def save_segmenter(path: str | Path, model: torch.nn.Module, seg: dict, class_names: list[str], labels: str,
-                   history: list[dict]) -> Path:
-    """Checkpoint {"state_dict", "arch", "num_classes", "class_names", "labels", "seg", "history"} (atomic)."""
-    from pipeline.training import save_checkpoint
-
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return save_checkpoint(path, {"state_dict": state, "arch": {k: seg[k] for k in ARCH_KEYS},
-                                  "num_classes": len(class_names), "class_names": list(class_names), "labels": labels,
-                                  "seg": dict(seg), "history": list(history)})
-
-
-def load_segmenter(path: str | Path, device: torch.device):
-    """(model in eval mode on ``device``, checkpoint dict) from :func:`save_segmenter`'s file."""
-    from pipeline.models.segmenter import build_segmenter
-    from pipeline.training import load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    missing = [k for k in ("state_dict", "arch", "num_classes", "labels") if k not in ckpt]
-    if missing:
-        raise ValueError(f"{path}: not a segmenter checkpoint (missing {missing}); re-run the train_seg stage")
-    model = build_segmenter(ckpt["num_classes"], {**ckpt["arch"], "weights": "none"})
-    model.load_state_dict(ckpt["state_dict"])
-    return to_device(model, device).eval(), ckpt

@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from pipeline.checkpoint import save_checkpoint
 from pipeline.progress import progress_bar
 
 log = logging.getLogger("wsss")
@@ -165,25 +166,3 @@ def train_loop(model: torch.nn.Module, loader, step_fn: Callable[[dict], torch.T
         if on_epoch_end:
             on_epoch_end(epoch, rec["loss"])
     return history
-
-
-def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """torch.save to a temp name, then rename (a killed run never leaves a truncated checkpoint).
-    A failed write (full disk, read-only folder) removes the temp file and raises OSError naming the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, tmp)
-        tmp.replace(path)
-    except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"cannot write checkpoint {path}: {e}") from e
-    return path
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}; run the stage that trains it (see dvc.yaml)")
-    return torch.load(path, map_location=map_location, weights_only=True)

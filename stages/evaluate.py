@@ -16,7 +16,8 @@ from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
 from pipeline.report import (LABEL_STAGES, gallery, ground_truth_note, merge_label_metrics, per_class_bars,
                              per_class_table, read_json, stage_bars, stage_rows, write_report)
-from pipeline.segment import load_segmenter, predict_mask, predict_store, score_store
+from pipeline.models.segmenter import load_segmenter
+from pipeline.segment import predict_mask, predict_store, score_store
 from pipeline.store import Store, StoreError
 from pipeline.visual import colourise, heatmap
 from stages.common import (CAMS, LABEL_METRICS, PLOTS, PREDICTIONS, PREPARED, PSEUDO, REPORTS, SEEDS, SEG_METRICS,

@@ -3,10 +3,10 @@ import csv
 
 from pipeline.compute import resolve_device, seed_everything, set_torch_threads
 from pipeline.datasets import PreparedData
-from pipeline.models.segmenter import build_segmenter
+from pipeline.models.segmenter import build_segmenter, save_segmenter
 from pipeline.progress import stage_timer
 from pipeline.provenance import prepared_digest
-from pipeline.segment import SegTrainSet, mask_source, save_segmenter, train_segmenter
+from pipeline.segment import SegTrainSet, mask_source, train_segmenter
 from pipeline.store import Store
 from pipeline.training import clear_resume
 from stages.common import PLOTS, PREPARED, PSEUDO, SEG_MODEL, resume_file, start

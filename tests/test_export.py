@@ -11,7 +11,8 @@ from pipeline.config import preset
 from pipeline.datasets import PreparedData
 from pipeline.export import ExportError, read_coco, read_export, run_export, safe_member
 from pipeline.prepare import prepare_dataset
-from pipeline.store import IGNORE_INDEX, ArraySpec, Store, write_store
+from pipeline.labels import IGNORE_INDEX
+from pipeline.store import ArraySpec, Store, write_store
 
 # pycocotools (numpy 2) warns about __array__(copy=...) on every decode; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

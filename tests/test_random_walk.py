@@ -13,7 +13,7 @@ from pipeline.refine.common import open_store
 from pipeline.refine.random_walk import (dense_transition, make_pseudo_store, propagate, pseudo_mask, random_walk,
                                          random_walk_dense, stencil, transition_weights)
 from pipeline.refine.synthetic import tiny_demo, write_fake_cams
-from pipeline.training import save_checkpoint
+from pipeline.checkpoint import save_checkpoint
 
 
 def cut_affinity(h, w, offsets, cut):

@@ -19,7 +19,8 @@ from pipeline.config import ParamsError, dump_params, preset
 from pipeline.datasets import DatasetError, PreparedData
 from pipeline.export import ExportError, read_export, run_export
 from pipeline.prepare import prepare_dataset
-from pipeline.store import IGNORE_INDEX, ArraySpec, write_store
+from pipeline.labels import IGNORE_INDEX
+from pipeline.store import ArraySpec, write_store
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import pipeline.provenance as provenance
+from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ParamsError, defaults, preset, render_params, validate, with_overrides
 from pipeline.datasets import PreparedData
 from pipeline.models.affinity import AffinityNet, affinity_checkpoint
@@ -23,7 +24,7 @@ from pipeline.refine.random_walk import make_pseudo_mask, make_pseudo_store
 from pipeline.refine.seeds import make_seed, make_seed_store
 from pipeline.refine.synthetic import tiny_demo, write_fake_cams
 from pipeline.store import ArraySpec, Store, StoreError, StoreWriter, write_store
-from pipeline.training import ResumePoint, save_checkpoint
+from pipeline.training import ResumePoint
 
 REPO = Path(__file__).resolve().parents[1]
 RW = {"enabled": True, "beta": 8.0, "logt": 3, "background": "fixed", "alpha": 4.0, "ignore_below": 0.0,

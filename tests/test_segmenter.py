@@ -7,10 +7,10 @@ import torch
 
 from pipeline.config import preset
 from pipeline.metrics import ConfusionMatrix
-from pipeline.models.segmenter import Segmenter, build_segmenter
-from pipeline.segment import (SegTrainSet, crf_refine, load_segmenter, mask_source, predict_mask, predict_probs, save_segmenter,
-                              segmentation_loss, train_segmenter)
-from pipeline.store import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX
+from pipeline.models.segmenter import Segmenter, build_segmenter, load_segmenter, save_segmenter
+from pipeline.segment import (SegTrainSet, crf_refine, mask_source, predict_mask, predict_probs, segmentation_loss,
+                              train_segmenter)
 
 
 def _seg(**kw):

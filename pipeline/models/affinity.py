@@ -180,19 +180,36 @@ def build_affinity_net(backbone_name: str, init: str, stride: int, classifier_ch
     return AffinityNet(backbone, stride=stride, dims=dims, freeze_bn=init != "none"), backbone_name
 
 
+AFFINITY_KEYS = ("state_dict", "backbone", "stride", "dims", "radius")
+
+
 def affinity_checkpoint(model: AffinityNet, backbone_name: str, radius: int, extra: dict | None = None) -> dict:
-    return {"state_dict": model.state_dict(), "backbone": backbone_name, "stride": model.stride,
-            "dims": list(model.dims), "radius": int(radius), **(extra or {})}
+    return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "backbone": backbone_name,
+            "stride": model.stride, "dims": list(model.dims), "radius": int(radius), **(extra or {})}
+
+
+def save_affinity_net(path: str | Path, model: AffinityNet, backbone_name: str, radius: int,
+                      extra: dict | None = None) -> Path:
+    """Checkpoint {"state_dict", "backbone", "stride", "dims", "radius", **extra} (atomic)."""
+    from pipeline.checkpoint import save_checkpoint
+
+    return save_checkpoint(path, affinity_checkpoint(model, backbone_name, radius, extra))
+
+
+def read_affinity_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict of an AffinityNet saved by :func:`save_affinity_net`, checked."""
+    from pipeline.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path)
+    for key in AFFINITY_KEYS:
+        if key not in ck:
+            raise ValueError(f"{path}: not an AffinityNet checkpoint (missing {key!r}); re-run the train_aff stage")
+    return ck
 
 
 def load_affinity_net(path: str | Path, device: torch.device | str = "cpu") -> AffinityNet:
     """Rebuild an AffinityNet saved by the train_aff stage (eval mode, on ``device``)."""
-    from pipeline.training import load_checkpoint
-
-    ck = load_checkpoint(path)
-    for key in ("state_dict", "backbone", "stride", "dims", "radius"):
-        if key not in ck:
-            raise ValueError(f"{path}: not an AffinityNet checkpoint (missing {key!r}); re-run the train_aff stage")
+    ck = read_affinity_checkpoint(path)
     model = AffinityNet(build_backbone(ck["backbone"], "none"), stride=ck["stride"], dims=ck["dims"])
     model.load_state_dict(ck["state_dict"])
     model.radius = int(ck["radius"])

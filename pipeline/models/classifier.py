@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.models.backbones import Backbone, build_backbone, keep_frozen_bn
-from pipeline.training import load_checkpoint, save_checkpoint, to_device
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.training import to_device
 
 CHECKPOINT_KEYS = ("state_dict", "backbone", "num_classes", "class_names", "params")
 

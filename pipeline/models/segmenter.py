@@ -9,13 +9,16 @@ because the demo backbone trains from scratch and a bare linear branch learns to
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.models.backbones import build_backbone, keep_frozen_bn
+from pipeline.training import to_device
 
 
 class ASPPBranch(nn.Module):
@@ -84,3 +87,26 @@ def build_segmenter(num_classes: int, seg: dict) -> Segmenter:
     return Segmenter(num_classes, seg["backbone"], seg["weights"], rates=seg["aspp_rates"],
                      channels=seg["aspp_channels"], dropout=seg["dropout"], frozen_levels=seg.get("frozen_levels", 0),
                      freeze_bn=seg.get("freeze_bn", False))  # a loaded checkpoint's arch has neither: no training
+
+
+ARCH_KEYS = ("backbone", "aspp_rates", "aspp_channels", "dropout")
+
+
+def save_segmenter(path: str | Path, model: torch.nn.Module, seg: dict, class_names: list[str], labels: str,
+                   history: list[dict]) -> Path:
+    """Checkpoint {"state_dict", "arch", "num_classes", "class_names", "labels", "seg", "history"} (atomic)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return save_checkpoint(path, {"state_dict": state, "arch": {k: seg[k] for k in ARCH_KEYS},
+                                  "num_classes": len(class_names), "class_names": list(class_names), "labels": labels,
+                                  "seg": dict(seg), "history": list(history)})
+
+
+def load_segmenter(path: str | Path, device: torch.device):
+    """(model in eval mode on ``device``, checkpoint dict) from :func:`save_segmenter`'s file."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("state_dict", "arch", "num_classes", "labels") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a segmenter checkpoint (missing {missing}); re-run the train_seg stage")
+    model = build_segmenter(ckpt["num_classes"], {**ckpt["arch"], "weights": "none"})
+    model.load_state_dict(ckpt["state_dict"])
+    return to_device(model, device).eval(), ckpt

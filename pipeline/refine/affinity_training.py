@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.augment import normalise, random_scale_crop_flip
-from pipeline.models.affinity import (AffinityNet, affinity_checkpoint, affinity_loss, pair_labels, pair_offsets,
+from pipeline.models.affinity import (AffinityNet, affinity_loss, pair_labels, pair_offsets,
                                       seed_to_grid)
 from pipeline.store import Store
 
@@ -51,7 +51,8 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
     initial weights (e.g. the CAM classifier's) and code."""
     from pipeline.provenance import prepared_digest, state_digest
     from pipeline.store import fingerprint
-    from pipeline.training import ResumePoint, images_to, param_groups, save_checkpoint, to_device, train_loop
+    from pipeline.models.affinity import save_affinity_net
+    from pipeline.training import ResumePoint, images_to, param_groups, to_device, train_loop
 
     offsets = pair_offsets(aff["radius"])
     data = SeedCrops(prepared, seeds, ids, aff["crop_size"], model.stride, aff["scale_min"], aff["scale_max"], seed)
@@ -86,8 +87,7 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
     history = train_loop(model, loader, step, opt, aff["epochs"], device, "train_aff",
                          on_epoch_start=lambda epoch: setattr(data, "epoch", epoch), on_epoch_end=epoch_end,
                          resume=resume)
-    state = affinity_checkpoint(model.cpu(), backbone_name, aff["radius"], {"params": dict(aff), "pairs": dict(counts)})
-    save_checkpoint(out_path, state)
+    save_affinity_net(out_path, model.cpu(), backbone_name, aff["radius"], {"params": dict(aff), "pairs": dict(counts)})
     if resume:
         resume.clear()
     return history

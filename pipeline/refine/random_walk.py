@@ -266,9 +266,9 @@ def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Pat
         if model_path is None or not Path(model_path).is_file():
             raise FileNotFoundError(f"AffinityNet checkpoint not found: {model_path}; run the train_aff stage "
                                     "(or set rw.enabled: false)")
-        from pipeline.training import load_checkpoint
+        from pipeline.models.affinity import read_affinity_checkpoint
 
-        ck = load_checkpoint(model_path)
+        ck = read_affinity_checkpoint(model_path)
         model_meta = {"affinity_stride": ck["stride"], "radius": ck["radius"], "backbone": ck["backbone"]}
     inputs = {"cams": cams.attrs.get("fingerprint"), "prepared": prepared_digest(prepared_dir),
               "affinity_model": file_digest(model_path) if rw["enabled"] else None}
