@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from pipeline.cam import CamMethod, CamOutput
 from pipeline.cam.run import make_cam_store
 from pipeline.config import preset
 from pipeline.datasets import PreparedData
@@ -65,6 +67,71 @@ def test_example_plugin_runs_through_make_cam(plugin_on_path, prepared, tmp_path
         absent = np.setdiff1d(np.arange(cam.shape[0]), labelled)
         assert np.all(cam[absent] == 0)
         assert cam.max() <= 1.0 + 1e-3 and cam.min() >= 0
+
+
+class PositiveWeightCAM(CamMethod):
+    """LayerCAM written out for this classifier (GAP, then a 1x1 conv without bias): the gradient of
+    logit c w.r.t. feature (d, y, x) is W[c, d] / (h w) at every position, so LayerCAM's map is
+    ReLU(sum_d ReLU(W[c, d]) A[d, y, x]) / (h w): plain CAM with the negative weights dropped."""
+
+    name = "test_positive_weight_cam"
+
+    def compute(self, features, labels):
+        feats = features.float()
+        weight = torch.relu(self.model.classifier.weight.float())
+        maps = torch.relu(F.conv2d(feats, weight)) / (feats.shape[-2] * feats.shape[-1])
+        return CamOutput(maps * labels[:, :, None, None], self.model.head(feats).float())
+
+
+if PositiveWeightCAM.name not in CAM_METHODS._items:
+    CAM_METHODS.register(PositiveWeightCAM.name)(PositiveWeightCAM)
+
+
+def test_layercam_compute_is_its_own_formula_not_plain_cam(plugin_on_path):
+    from wsss_cam_plugin import LayerCAM
+
+    torch.manual_seed(0)
+    model = build_classifier("tiny", "none", 4).eval()
+    x = torch.randn(2, 3, 40, 56)
+    labels = torch.tensor([[True, False, True, False], [False, True, True, True]])
+    with torch.no_grad():
+        feats = model.features(x)
+    out = LayerCAM(model).compute(feats, labels)
+    # independent: ReLU(sum_d ReLU(W[c, d]) / (h w) * A[d]) per labelled class, 0 for the others
+    w = model.classifier.weight.detach()[:, :, 0, 0].numpy()
+    a = feats.numpy()
+    hw = a.shape[-2] * a.shape[-1]
+    expect = np.maximum(np.einsum("cd,bdyx->bcyx", np.maximum(w, 0) / hw, a), 0) * labels.numpy()[:, :, None, None]
+    np.testing.assert_allclose(out.maps.numpy(), expect, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(out.logits.numpy(), model.head(feats).detach().numpy(), rtol=1e-5, atol=1e-6)
+    # and it is not plain CAM: the max-normalised maps differ clearly for labelled classes
+    plain = np.maximum(np.einsum("cd,bdyx->bcyx", w, a), 0)
+    assert (w < 0).any() and (w > 0).any()
+    for b, c in zip(*np.nonzero(labels.numpy())):
+        ours, cam = expect[b, c] / expect[b, c].max(), plain[b, c] / plain[b, c].max()
+        assert np.abs(ours - cam).max() > 0.05
+
+
+def test_plugin_cam_store_follows_layercam_not_plain_cam(plugin_on_path, prepared, tmp_path):
+    """Through make_cam: the plugin's store equals the store of the formula above (same multi-scale
+    and flip merging) and differs from plain CAM's store."""
+    params, data = prepared
+    params = {k: dict(v) for k, v in params.items()}
+    torch.manual_seed(0)
+    model = build_classifier("tiny", "none", data.num_classes - 1).eval()
+    meta = {"class_names": data.class_names, "backbone": "tiny"}
+    cams = {}
+    for method in ("wsss_cam_plugin:LayerCAM", PositiveWeightCAM.name, "cam"):
+        params["cam"].update(method=method, scales=[1.0], num_workers=0)
+        path, _ = make_cam_store(data, model, meta, params, torch.device("cpu"), tmp_path / f"{len(cams)}.zarr", "d")
+        store = Store(path)
+        cams[method] = [store.read("cam", i).astype(np.float32) for i in range(len(store.ids))]
+    plugin, formula, plain = cams.values()
+    biggest = 0.0
+    for p, f, c in zip(plugin, formula, plain):
+        np.testing.assert_allclose(p, f, atol=2e-3)  # float16 store
+        biggest = max(biggest, float(np.abs(p - c).max()))
+    assert biggest > 0.1
 
 
 def test_unknown_plugin_name_lists_what_is_known():

@@ -46,6 +46,56 @@ def test_predict_probs_sum_to_one_with_scales_and_flip():
     np.testing.assert_allclose(p.sum(0), 1.0, atol=1e-5)
 
 
+class RampAndRedModel(torch.nn.Module):
+    """Two logits per pixel: 0, and 3 * x / (w - 1) + 0.5 * (normalised red): depends on the position
+    (so a prediction not flipped back shows) and on the content (so an input not flipped shows)."""
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        ramp = torch.linspace(0.0, 1.0, w).expand(b, h, w)
+        fg = 3.0 * ramp + 0.5 * x[:, 0]
+        return torch.stack([torch.zeros_like(fg), fg], 1)
+
+
+class InputHeightModel(torch.nn.Module):
+    """Two constant logit maps: 0 and (input height) / 10, so each scale's prediction is known exactly."""
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        return torch.stack([torch.zeros(b, h, w), torch.full((b, h, w), h / 10.0)], 1)
+
+
+def _sigmoid(v):
+    return 1.0 / (1.0 + np.exp(-v))
+
+
+def test_predict_probs_flip_averages_with_the_flipped_back_prediction():
+    img = np.random.default_rng(3).integers(0, 256, (9, 13, 3), dtype=np.uint8)
+    h, w = img.shape[:2]
+    red = (img[..., 0].astype(np.float64) / 255 - 0.485) / 0.229  # ImageNet normalisation, red channel
+    x = np.arange(w) / (w - 1)
+    plain = _sigmoid(3.0 * x + 0.5 * red)  # p(class 1) without flip
+    # flipped image: at column j the model sees red[:, w-1-j] and ramp x[j]; flipped back, column j
+    # holds ramp x[w-1-j] and red[:, j]
+    flipped_back = _sigmoid(3.0 * x[::-1] + 0.5 * red)
+    p = predict_probs(RampAndRedModel(), img, torch.device("cpu"), scales=(1.0,), flip=False)
+    np.testing.assert_allclose(p[1], plain, atol=1e-5)
+    p = predict_probs(RampAndRedModel(), img, torch.device("cpu"), scales=(1.0,), flip=True)
+    np.testing.assert_allclose(p[1], (plain + flipped_back) / 2, atol=1e-5)
+    np.testing.assert_allclose(p[0], 1 - (plain + flipped_back) / 2, atol=1e-5)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_predict_probs_averages_the_scales(flip):
+    img = np.zeros((30, 41, 3), np.uint8)
+    # input heights 30, 15, 45 (round(30 * s)): p(class 1) = sigmoid(height / 10) at each scale
+    expect = np.mean([_sigmoid(3.0), _sigmoid(1.5), _sigmoid(4.5)])
+    p = predict_probs(InputHeightModel(), img, torch.device("cpu"), scales=(1.0, 0.5, 1.5), flip=flip)
+    assert p.shape == (2, 30, 41)
+    np.testing.assert_allclose(p[1], expect, atol=1e-6)
+    np.testing.assert_allclose(p[0], 1 - expect, atol=1e-6)
+
+
 def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path):
     torch.manual_seed(0)
     seg = _seg(aspp_channels=8)
@@ -128,10 +178,12 @@ def test_crf_refine_keeps_shape_and_sharpens_to_colour_edges():
     assert (q.argmax(0)[:, 10:] == 1).all() and (q.argmax(0)[:, :8] == 0).all()
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, caplog):
+@pytest.mark.parametrize("num_workers", [0, 1])  # the demo trains with one loader worker
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, caplog, num_workers):
     torch.set_num_threads(1)
     data = ToyData(8, seed=0)
-    seg = _seg(epochs=3, batch_size=4, crop_size=32, aspp_channels=8, aspp_rates=[1, 2], dropout=0.5)
+    seg = _seg(epochs=3, batch_size=4, crop_size=32, aspp_channels=8, aspp_rates=[1, 2], dropout=0.5,
+               num_workers=num_workers)
 
     class Killed(Exception):
         pass
