@@ -95,7 +95,8 @@ def throughput(n_images: int):
     from pipeline.compute import dask_client
     from pipeline.datasets import PreparedData
     from pipeline.refine.seeds import SeedTask, make_seed
-    from pipeline.refine.synthetic import tiny_demo, write_fake_cams
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test fixtures make the tiny demo
+    from synthetic import tiny_demo, write_fake_cams
 
     root = Path(tempfile.mkdtemp(prefix="bench_crf_"))
     params, prepared_dir = tiny_demo(root, num_train=n_images, num_val=1, side=(375, 500))

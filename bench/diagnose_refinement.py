@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_params  # noqa: E402
 from pipeline.metrics import ConfusionMatrix  # noqa: E402
 from pipeline.labels import present_classes  # noqa: E402
-from pipeline.refine.common import open_prepared, read_cams  # noqa: E402
+from pipeline.refine.runner import open_prepared, read_cams  # noqa: E402
 from pipeline.refine.random_walk import image_affinities, pseudo_mask, resolve_background  # noqa: E402
 from pipeline.refine.seeds import resolve_thresholds, seeds_for_image  # noqa: E402
 

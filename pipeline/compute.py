@@ -45,6 +45,16 @@ def set_torch_threads(compute: dict, device, loader_workers: int = 0) -> int:
     return n
 
 
+def per_image_torch(compute: dict) -> tuple[str, int]:
+    """(device, torch threads) for torch work mapped over images through :func:`dask_client`: in
+    the stage's own process (``synchronous``) the stage's device and ``compute.torch_threads``; in
+    dask workers the CPU with one thread each (the workers are the parallelism, and a GPU is not
+    shared between worker processes)."""
+    if compute["scheduler"] != "synchronous":
+        return "cpu", 1
+    return str(resolve_device(compute["device"])), int(compute.get("torch_threads") or 0)
+
+
 @contextlib.contextmanager
 def dask_client(scheduler: str = "local", workers: int = 0):
     """Yields a callable ``run(fn, items) -> list`` that maps ``fn`` over ``items`` in order.

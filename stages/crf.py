@@ -1,7 +1,7 @@
 """Stage crf: data/cams.zarr -> data/seeds.zarr (confident seeds, 255 = unsure), metrics/crf.json, plots/crf/gallery.png."""
 from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
-from pipeline.refine.common import open_prepared, open_store
+from pipeline.refine.runner import open_prepared, open_store
 from pipeline.refine.gallery import refine_gallery
 from pipeline.refine.seeds import make_seed_store
 from pipeline.visual import save_png

@@ -1,7 +1,7 @@
 """Stage random_walk: data/cams.zarr + models/affinity -> data/pseudo.zarr, metrics/rw.json, plots/rw/gallery.png."""
 from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
-from pipeline.refine.common import open_prepared, open_store
+from pipeline.refine.runner import open_prepared, open_store
 from pipeline.refine.gallery import refine_gallery
 from pipeline.refine.random_walk import affinity_separation, make_pseudo_store
 from pipeline.visual import save_png
@@ -13,14 +13,9 @@ SEPARATION_IMAGES = 64  # images the affinity diagnostic looks at (GT pairs: sam
 def main() -> None:
     params = start("random_walk")
     rw = params["rw"]
-    device = "cpu" if params["compute"]["scheduler"] != "synchronous" else params["compute"]["device"]
-    if device == "auto":
-        from pipeline.compute import resolve_device
-
-        device = str(resolve_device("auto"))
     with stage_timer("random_walk") as t:
         metrics = make_pseudo_store(PREPARED, params["data"], CAMS, AFF_MODEL / "affinity.pt", PSEUDO, rw,
-                                    params["crf"], params["compute"], device=device,
+                                    params["crf"], params["compute"],
                                     cam_threshold=cam_best_threshold())
         t["n"] = metrics["images"]
         t["extra"] = f"{'random walk' if rw['enabled'] else 'disabled: CAM labels'}, mIoU {metrics['miou']}%"

@@ -5,7 +5,7 @@ from pipeline.compute import resolve_device, seed_everything, set_torch_threads
 from pipeline.models.affinity import build_affinity_net
 from pipeline.progress import stage_timer
 from pipeline.refine.affinity_training import train_affinity
-from pipeline.refine.common import open_prepared
+from pipeline.refine.runner import open_prepared
 from pipeline.store import Store
 from stages.common import AFF_MODEL, CAM_MODEL, PLOTS, PREPARED, SEEDS, resume_file, start
 

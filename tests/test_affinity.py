@@ -9,7 +9,7 @@ from pipeline.datasets import PreparedData
 from pipeline.models.affinity import (AffinityNet, affinity_loss, build_affinity_net, load_affinity_net, pair_labels,
                                       pair_offsets, seed_to_grid)
 from pipeline.models.backbones import build_backbone
-from pipeline.refine.synthetic import tiny_demo
+from synthetic import tiny_demo
 from pipeline.store import ArraySpec, Store, write_store
 
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from pipeline.datasets import PreparedData
-from pipeline.refine.common import open_store
+from pipeline.refine.runner import open_store
 from pipeline.refine.crf import CrfSettings, crf_argmax, label_crf
 from pipeline.refine.seeds import (AffinityNetSeeds, SeedMaker, agreeing, make_seed, make_seed_store, seed_maker,
                                    threshold_seeds)
-from pipeline.refine.synthetic import tiny_demo, write_fake_cams
+from synthetic import tiny_demo, write_fake_cams
 from pipeline.registry import REFINERS
 
 SETTINGS = CrfSettings(iterations=10, bilateral_sxy=20.0)

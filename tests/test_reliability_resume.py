@@ -19,10 +19,10 @@ from pipeline.config import ParamsError, defaults, preset, render_params, valida
 from pipeline.datasets import PreparedData
 from pipeline.models.affinity import AffinityNet, affinity_checkpoint
 from pipeline.models.backbones import build_backbone
-from pipeline.refine.common import open_store
+from pipeline.refine.runner import open_store
 from pipeline.refine.random_walk import make_pseudo_mask, make_pseudo_store
 from pipeline.refine.seeds import make_seed, make_seed_store
-from pipeline.refine.synthetic import tiny_demo, write_fake_cams
+from synthetic import tiny_demo, write_fake_cams
 from pipeline.store import ArraySpec, Store, StoreError, StoreWriter, write_store
 from pipeline.training import ResumePoint
 

@@ -22,7 +22,7 @@ import torch
 from pipeline.labels import (IGNORE_INDEX, grid_to_image, present_classes, resize_maps, to_class_labels,
                              with_background)
 from pipeline.models.affinity import in_bounds, shifted
-from pipeline.refine.common import (open_prepared, open_store, read_cams, required_cam_threshold,
+from pipeline.refine.runner import (open_prepared, open_store, read_cams, required_cam_threshold,
                                     write_scored_label_store)
 
 Offsets = Sequence[tuple[int, int]]
@@ -246,14 +246,15 @@ def resolve_background(rw: dict, cam_threshold: float | None) -> dict:
 
 
 def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Path, model_path: str | Path | None,
-                      out_path: str | Path, rw: dict, crf: dict, compute: dict, device: str = "cpu",
+                      out_path: str | Path, rw: dict, crf: dict, compute: dict,
                       cam_threshold: float | None = None) -> dict:
     """Pseudo masks for every image of the CAM store -> ``out_path`` (array "mask").
 
     Per-image work (AffinityNet forward + walk) runs through the dask helper; each worker process
-    loads the model once. ``cam_threshold``: the CAM sweep's best threshold, for ``rw.background:
+    loads the model once (device and threads: :func:`pipeline.compute.per_image_torch`). ``cam_threshold``: the CAM sweep's best threshold, for ``rw.background:
     cam_sweep``. Returns the metrics dict (ConfusionMatrix summary + run facts).
     """
+    from pipeline.compute import per_image_torch
     from pipeline.provenance import file_digest, prepared_digest
 
     rw = resolve_background(rw, cam_threshold)
@@ -272,8 +273,7 @@ def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Pat
         model_meta = {"affinity_stride": ck["stride"], "radius": ck["radius"], "backbone": ck["backbone"]}
     inputs = {"cams": cams.attrs.get("fingerprint"), "prepared": prepared_digest(prepared_dir),
               "affinity_model": file_digest(model_path) if rw["enabled"] else None}
-    # dask worker processes run one image each: one torch thread per process
-    threads = 1 if compute["scheduler"] != "synchronous" else compute.get("torch_threads", 0)
+    device, threads = per_image_torch(compute)
     tasks = [WalkTask(i, str(prepared_dir), data, str(cams_path), str(model_path) if model_path else None, rw, crf,
                       device, threads) for i in ids]
     attrs = {"kind": "pseudo_masks", "class_names": prepared.class_names, "stride": 1, "split": split,

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.labels import IGNORE_INDEX, grid_to_image, present_classes, to_class_labels, with_background
-from pipeline.refine.common import (open_prepared, open_store, read_cams, required_cam_threshold,
+from pipeline.refine.runner import (open_prepared, open_store, read_cams, required_cam_threshold,
                                     write_scored_label_store)
 from pipeline.refine.crf import CrfSettings, crf_argmax, label_crf
 from pipeline.registry import REFINERS

@@ -1,5 +1,7 @@
-"""Pieces the refiners share: reading CAMs, per-process input caches, and the loop that maps a
-per-image function over a store through the dask helper (label conventions: ``pipeline.labels``)."""
+"""Running per-image work over a store: inputs opened once per process (prepared data, stores,
+CAMs of an image), the loop that maps a per-image function through the dask helper into a
+resumable store and scores it, and the CAM-sweep threshold the ``cam_sweep`` settings need.
+Label conventions (ignore value, background channel, grid upsampling) are in ``pipeline.labels``."""
 from __future__ import annotations
 
 import json
