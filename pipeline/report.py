@@ -180,3 +180,84 @@ img{{max-width:100%;border:1px solid #ddd}}pre{{background:#f7f7f7;padding:1em;o
     path = out_dir / "index.html"
     path.write_text(doc)
     return path
+
+
+def build_run_report(prepared, params: dict, seg_result: dict, labels: dict, upper: dict | None,
+                     stores: dict[str, str | Path], out_dir: str | Path, device) -> list[dict]:
+    """The evaluate stage's report: ``out_dir/index.html`` with the per-stage table, per-class bars and
+    the galleries (train images through every stage; eval images: segmenter vs GT).
+
+    ``seg_result``: :func:`pipeline.segment.evaluate_segmenter`'s result; ``labels``: the merged label
+    metrics (:func:`merge_label_metrics`); ``upper``: the GT-trained segmenter's metrics or None;
+    ``stores``: {"cam", "crf", "rw"} store paths (a missing store leaves its column out).
+    Returns the per-stage rows (for the stages plot)."""
+    from pipeline.segment import predict_mask
+    from pipeline.store import Store, StoreError
+    from pipeline.visual import colourise, heatmap
+
+    seg, data = params["seg"], params["data"]
+    model, ckpt, metrics = seg_result["model"], seg_result["checkpoint"], seg_result["metrics"]
+    on_gt = ckpt["labels"] == "gt"
+    seg_row = None if on_gt else metrics
+
+    def open_or_none(path):
+        try:
+            return Store(path)
+        except StoreError:
+            return None
+
+    opened = {key: open_or_none(path) for key, path in stores.items()}
+    pal = prepared.palette
+
+    def col_cam(i):
+        s = opened["cam"]
+        return heatmap(prepared.image(i), s.read("cam", i).astype(np.float32).max(0)) if s and i in s else None
+
+    def col_mask(key, array):
+        s = opened[key]
+        return lambda i: colourise(s.read(array, i), pal) if s and array in s.specs and i in s else None
+
+    def col_pred(i):
+        return colourise(predict_mask(model, prepared.image(i), device, seg, params["crf"]), pal)
+
+    def col_gt(i):
+        g = prepared.gt(i)
+        return None if g is None else colourise(g, pal)
+
+    out_dir = Path(out_dir)
+    n = data["gallery_ids"]
+    rows = stage_rows(labels, seg_row, upper, data["train_split"], data["eval_split"])
+    train_cols = [("image", prepared.image), ("CAM", col_cam), ("CRF seeds", col_mask("crf", "seed")),
+                  ("random walk", col_mask("rw", "mask")), ("segmenter", col_pred), ("GT", col_gt)]
+    g1 = gallery(prepared.ids(data["train_split"])[:n], train_cols, out_dir / "gallery_train.png")
+    g2 = gallery(prepared.ids(data["eval_split"])[:n], [("image", prepared.image), ("segmenter", col_pred),
+                                                        ("GT", col_gt)], out_dir / "gallery_eval.png")
+    stage_png = stage_bars(rows, out_dir / "stages.png") if any(r["miou"] is not None for r in rows) else None
+    per_class_stages = {key: labels.get(key) for key, _, _ in LABEL_STAGES}
+    per_class_stages["segmenter"] = seg_row
+    per_class_stages["upper_bound"] = upper
+    pc_names, pc_table = per_class_table(per_class_stages)
+    pc_png = per_class_bars(pc_names, pc_table, out_dir / "per_class_iou.png") if pc_table else None
+    figures = [("mIoU per stage", stage_png, "Label stages are scored on the train split (the images they label); "
+                "the segmenter on the held-out eval split."),
+               ("Per-class IoU", pc_png, "One bar per stage and class."),
+               (f"Gallery: {data['train_split']} images through every stage", g1,
+                "Image, CAM (max over classes), CRF seeds (grey = 255 unsure), random-walk pseudo mask, the "
+                "segmenter's prediction, ground truth. Columns whose stage did not run are left out."),
+               (f"Gallery: {data['eval_split']} images", g2, "Held-out images: segmenter prediction next to the GT.")]
+    notes = [f"Segmenter trained on {ckpt['labels']} masks ({ckpt['seg'].get('epochs')} epochs, backbone "
+             f"{ckpt['arch']['backbone']}); evaluated with scales {seg['eval_scales']}, flip {seg['eval_flip']}, "
+             f"CRF {seg['eval_crf']}.",
+             "Upper bound: " + ("this run trained on GT, so its segmenter is the upper bound." if on_gt else
+                                "read from an earlier run with seg.labels=gt." if upper else
+                                "unknown; run `dvc exp run -S seg.labels=gt` once to measure it."),
+             "Coverage = share of GT-labelled pixels the stage labels (CRF seeds leave unsure pixels at 255; mIoU is "
+             "over the labelled ones)."]
+    no_gt = ground_truth_note({**{key: labels.get(key) for key, _, _ in LABEL_STAGES}, "segmenter": metrics})
+    if no_gt:
+        notes.insert(0, no_gt)
+    write_report(out_dir, title=f"WSSS run report: {prepared.index.get('dataset')}", rows=rows,
+                 class_names=prepared.class_names, per_class=pc_table, figures=figures, notes=notes,
+                 details={"segmenter": {k: v for k, v in metrics.items() if not k.startswith("per_class_p")
+                                        and k != "per_class_recall"}, "stages_run": labels["stages_run"]})
+    return rows

@@ -36,7 +36,7 @@ def mask_source(kind: str, prepared, pseudo_path: str | Path, ids: Sequence[str]
     """
     if kind == "pseudo":
         store = Store(pseudo_path)
-        missing = [i for i in ids if i not in store._index]
+        missing = [i for i in ids if i not in store]
         if missing:
             raise ValueError(f"{pseudo_path}: has no pseudo mask for {len(missing)} training images, e.g. {missing[:3]}; "
                              f"re-run the stage that writes it (dvc repro random_walk)")
@@ -188,3 +188,49 @@ def score_store(store: Store, prepared, ids: Sequence[str] | None = None, array:
         if gt is not None:
             cm.update(store.read(array, image_id), gt)
     return cm
+
+
+def train_and_save(prepared, params: dict, device: torch.device, pseudo_path: str | Path, checkpoint: str | Path,
+                   resume_path: str | Path) -> dict:
+    """What the train_seg stage does: train on the pseudo masks (``seg.labels: pseudo``) or GT, save
+    ``checkpoint``, clear the resume file. Returns {"history", "metrics"}."""
+    from pipeline.models.segmenter import build_segmenter, save_segmenter
+    from pipeline.provenance import prepared_digest
+    from pipeline.training import clear_resume
+
+    seg, data, seed = params["seg"], params["data"], params["compute"]["seed"]
+    ids = prepared.ids(data["train_split"])
+    masks = mask_source(seg["labels"], prepared, pseudo_path, ids)
+    train_set = SegTrainSet(prepared, ids, masks, seg["crop_size"], seg["scale_min"], seg["scale_max"], seed)
+    model = build_segmenter(prepared.num_classes, seg)
+    labels = Store(pseudo_path).attrs.get("fingerprint") if seg["labels"] == "pseudo" else "gt"
+    history = train_segmenter(model, train_set, seg, device, seed, resume_path,
+                              {"labels": labels, "prepared": prepared_digest(prepared.dir)})
+    save_segmenter(checkpoint, model, seg, prepared.class_names, seg["labels"], history)
+    clear_resume(resume_path)
+    return {"history": history, "metrics": {"train_images": len(ids), "epochs": seg["epochs"], "labels": seg["labels"],
+                                            "final_loss": round(history[-1]["loss"], 5)}}
+
+
+def evaluate_segmenter(prepared, params: dict, device: torch.device, checkpoint: str | Path,
+                       predictions: str | Path) -> dict:
+    """The evaluate stage's scoring: predict the eval split into ``predictions`` (resumable) and score
+    it against GT. Returns {"metrics", "model", "checkpoint"} (the model, in eval mode, draws the report)."""
+    from pipeline.models.segmenter import load_segmenter
+
+    seg, data = params["seg"], params["data"]
+    names = prepared.class_names
+    ids = prepared.ids(data["eval_split"])
+    model, ckpt = load_segmenter(checkpoint, device)
+    if ckpt.get("class_names") not in (None, names):
+        raise ValueError(f"{checkpoint}: trained for classes {ckpt['class_names']}, data has {names}")
+    settings = {k: seg[k] for k in ("eval_scales", "eval_flip", "eval_crf")}
+    predict_store(model, prepared, ids, predictions, device, seg, params["crf"],
+                  {"kind": "segmenter_prediction", "class_names": names, "split": data["eval_split"],
+                   "trained_on": ckpt["labels"], "stride": 1, "eval": settings},
+                  shard_images=params["compute"]["shard_images"])
+    cm = score_store(Store(predictions), prepared, ids)
+    metrics = {**cm.summary(names), "split": data["eval_split"], "images": len(ids), "trained_on": ckpt["labels"],
+               "eval": settings}
+    return {"metrics": metrics, "model": model, "checkpoint": ckpt}
+

@@ -252,6 +252,9 @@ class Store:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._index
+
     def index(self, image_id: str) -> int:
         try:
             return self._index[image_id]

@@ -16,7 +16,7 @@ from pipeline.cam.train import ClassificationSet, mean_average_precision, predic
 from pipeline.labels import grid_to_image
 from pipeline.models.classifier import CamClassifier, save_classifier
 from pipeline.progress import progress_bar
-from pipeline.provenance import file_digest, prepared_digest  # noqa: F401 (file_digest: used by stages/make_cam)
+from pipeline.provenance import file_digest, prepared_digest
 from pipeline.store import ArraySpec, Store, write_store
 from pipeline.training import clear_resume
 
@@ -135,3 +135,17 @@ def gallery_picture(prepared, store: Store, count: int, threshold: float) -> np.
     if not rows:
         return None
     return cam_gallery(rows, prepared.class_names, prepared.palette, int(store.attrs["stride"]), threshold)
+
+
+def make_and_score_cams(prepared, params: dict, device: torch.device, checkpoint: Path, out: Path) -> dict:
+    """What the make_cam stage does: CAMs of the train split into ``out`` (resumable), the threshold
+    sweep against GT and the gallery. Returns {"metrics", "curve" (rows for the plot), "gallery"
+    (an RGB array or None), "images" (computed in this run)}."""
+    from pipeline.models.classifier import load_classifier
+
+    model, meta = load_classifier(checkpoint, device)
+    _, logits = make_cam_store(prepared, model, meta, params, device, out, file_digest(checkpoint))
+    store = Store(out)
+    metrics = evaluate_cam_store(prepared, store, model, logits, params, device)
+    picture = gallery_picture(prepared, store, params["data"]["gallery_ids"], gallery_threshold(metrics, params["cam"]))
+    return {"metrics": metrics, "curve": metrics["curve"], "gallery": picture, "images": len(store.ids)}

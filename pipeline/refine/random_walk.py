@@ -285,3 +285,28 @@ def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Pat
     metrics.update({"enabled": bool(rw["enabled"]), "beta": rw["beta"], "logt": rw["logt"], "alpha": rw["alpha"],
                     **model_meta, "images": len(ids), "split": split})
     return metrics
+
+
+SEPARATION_IMAGES = 64  # images the affinity diagnostic looks at (GT pairs: same class vs different)
+
+
+def make_pseudo_masks(prepared_dir: str | Path, params: dict, cams_path: str | Path, model_path: str | Path,
+                      out_path: str | Path, seeds_path: str | Path | None = None,
+                      cam_threshold: float | None = None) -> dict:
+    """What the random_walk stage does: :func:`make_pseudo_store`, the affinity separation diagnostic
+    (walk on) and the gallery (with the seeds column when ``seeds_path`` exists).
+    Returns {"metrics", "gallery" (an RGB array or None)}."""
+    from pipeline.refine.gallery import refine_gallery
+
+    rw = params["rw"]
+    metrics = make_pseudo_store(prepared_dir, params["data"], cams_path, model_path, out_path, rw, params["crf"],
+                                params["compute"], cam_threshold=cam_threshold)
+    prepared, pseudo = open_prepared(prepared_dir, params["data"]), open_store(out_path)
+    if rw["enabled"]:
+        metrics["affinity_separation"] = affinity_separation(model_path, prepared, pseudo.ids[:SEPARATION_IMAGES])
+    ids = pseudo.ids[: params["data"]["gallery_ids"]]
+    columns = {"CRF seeds": open_store(seeds_path)} if seeds_path and Path(seeds_path).exists() else {}
+    columns["random walk" if rw["enabled"] else "pseudo (no walk)"] = pseudo
+    picture = refine_gallery(prepared, ids, open_store(cams_path), columns, metrics["alpha"]) if ids else None
+    return {"metrics": metrics, "gallery": picture}
+

@@ -208,3 +208,19 @@ def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path,
                     "precision": metrics["pixel_accuracy"], "images": len(ids), "split": split})
     return metrics
 
+
+def make_seeds(prepared_dir: str | Path, params: dict, cams_path: str | Path, out_path: str | Path,
+               cam_threshold: float | None = None) -> dict:
+    """What the crf stage does: :func:`make_seed_store` plus the gallery of its first images.
+    Returns {"metrics", "gallery" (an RGB array or None)}."""
+    from pipeline.refine.gallery import refine_gallery
+
+    crf = params["crf"]
+    metrics = make_seed_store(prepared_dir, params["data"], cams_path, out_path, crf, params["compute"],
+                              cam_threshold=cam_threshold)
+    seeds = open_store(out_path)
+    ids = seeds.ids[: params["data"]["gallery_ids"]]
+    picture = (refine_gallery(open_prepared(prepared_dir, params["data"]), ids, open_store(cams_path),
+                              {"CRF seeds": seeds}, crf["alpha_fg"]) if ids else None)
+    return {"metrics": metrics, "gallery": picture}
+
