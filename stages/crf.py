@@ -14,9 +14,9 @@ def main() -> None:
     with stage_timer("crf") as t:
         metrics = make_seed_store(PREPARED, params["data"], CAMS, SEEDS, crf, params["compute"],
                                   cam_threshold=cam_best_threshold())
-        t["n"] = metrics["images"]
-        t["extra"] = (f"mode {metrics['mode']}, coverage {metrics['coverage']}%, precision {metrics['precision']}%, "
-                      f"mIoU over labelled {metrics['miou']}%")
+        t.n = metrics["images"]
+        t.extra = (f"mode {metrics['mode']}, coverage {metrics['coverage']}%, precision {metrics['precision']}%, "
+                   f"mIoU over labelled {metrics['miou']}%")
     write_json("metrics/crf.json", metrics)
     prepared, cams, seeds = open_prepared(PREPARED, params["data"]), open_store(CAMS), open_store(SEEDS)
     ids = seeds.ids[: params["data"]["gallery_ids"]]

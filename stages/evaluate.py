@@ -60,9 +60,9 @@ def main() -> None:
         cm = score_store(Store(PREDICTIONS), prepared, ids)
         metrics = {**cm.summary(names), "split": data["eval_split"], "images": len(ids), "trained_on": ckpt["labels"],
                    "eval": {k: seg[k] for k in ("eval_scales", "eval_flip", "eval_crf")}}
-        t["n"] = len(ids)
-        t["extra"] = (f"segmenter (trained on {ckpt['labels']}) {data['eval_split']} "
-                      + (f"mIoU {metrics['miou']}%" if metrics["ground_truth"] else "not scored: no ground truth"))
+        t.n = len(ids)
+        t.extra = (f"segmenter (trained on {ckpt['labels']}) {data['eval_split']} "
+                   + (f"mIoU {metrics['miou']}%" if metrics["ground_truth"] else "not scored: no ground truth"))
     write_json(SEG_METRICS, metrics)
     if ckpt["labels"] == "gt":
         write_json(UPPER_BOUND, metrics)

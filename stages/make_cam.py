@@ -22,16 +22,16 @@ def main() -> None:
     model, meta = load_classifier(CHECKPOINT, device)
     with stage_timer("make_cam") as t:
         _, logits = make_cam_store(prepared, model, meta, params, device, CAMS, file_digest(CHECKPOINT))
-        t["n"] = len(logits)
-        t["extra"] = f"method {params['cam']['method']}, {len(params['cam']['scales'])} scales, on {device}"
+        t.n = len(logits)
+        t.extra = f"method {params['cam']['method']}, {len(params['cam']['scales'])} scales, on {device}"
     store = Store(CAMS)
     with stage_timer("make_cam eval") as t:
         metrics = evaluate_cam_store(prepared, store, model, logits, params, device)
-        t["n"] = metrics["images"]
+        t.n = metrics["images"]
         b = metrics["baselines"]
-        t["extra"] = (f"CAM mIoU {metrics['miou']} at threshold {metrics['best_threshold']} "
-                      f"(all background {b['all_background']['miou']}, top label {b['top_label']['miou']})"
-                      if metrics["ground_truth"] else "no ground truth: CAMs not scored")
+        t.extra = (f"CAM mIoU {metrics['miou']} at threshold {metrics['best_threshold']} "
+                   f"(all background {b['all_background']['miou']}, top label {b['top_label']['miou']})"
+                   if metrics["ground_truth"] else "no ground truth: CAMs not scored")
     write_json("metrics/cam.json", metrics)
     curve = PLOTS / "cam" / "threshold_curve.csv"
     curve.parent.mkdir(parents=True, exist_ok=True)

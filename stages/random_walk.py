@@ -22,8 +22,8 @@ def main() -> None:
         metrics = make_pseudo_store(PREPARED, params["data"], CAMS, AFF_MODEL / "affinity.pt", PSEUDO, rw,
                                     params["crf"], params["compute"], device=device,
                                     cam_threshold=cam_best_threshold())
-        t["n"] = metrics["images"]
-        t["extra"] = f"{'random walk' if rw['enabled'] else 'disabled: CAM labels'}, mIoU {metrics['miou']}%"
+        t.n = metrics["images"]
+        t.extra = f"{'random walk' if rw['enabled'] else 'disabled: CAM labels'}, mIoU {metrics['miou']}%"
     prepared, cams, pseudo = open_prepared(PREPARED, params["data"]), open_store(CAMS), open_store(PSEUDO)
     if rw["enabled"]:
         metrics["affinity_separation"] = affinity_separation(AFF_MODEL / "affinity.pt", prepared,

@@ -25,8 +25,8 @@ def main() -> None:
     with stage_timer("train_aff") as t:
         history = train_affinity(model, prepared, seeds, seeds.ids, aff, device, compute["seed"], backbone_name,
                                  AFF_MODEL / "affinity.pt", RESUME)
-        t["n"] = len(seeds.ids) * aff["epochs"]
-        t["extra"] = f"final loss {history[-1]['loss']:.4f}"
+        t.n = len(seeds.ids) * aff["epochs"]
+        t.extra = f"final loss {history[-1]['loss']:.4f}"
     out = PLOTS / "train_aff" / "history.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:

@@ -21,8 +21,8 @@ def main() -> None:
     with stage_timer("train_cam") as t:
         result = train_and_save(prepared, params, device, CHECKPOINT, RESUME)
         m = result["metrics"]
-        t["n"] = m["train_images"] * m["epochs"]
-        t["extra"] = f"val mAP {m.get('val_map')}, final loss {m['final_loss']}, on {device}"
+        t.n = m["train_images"] * m["epochs"]
+        t.extra = f"val mAP {m.get('val_map')}, final loss {m['final_loss']}, on {device}"
     write_json("metrics/train_cam.json", m)
     path = PLOTS / "train_cam" / "history.csv"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,8 @@ def main() -> None:
         labels = Store(PSEUDO).attrs.get("fingerprint") if seg["labels"] == "pseudo" else "gt"
         history = train_segmenter(model, train_set, seg, device, compute["seed"], RESUME,
                                   {"labels": labels, "prepared": prepared_digest(PREPARED)})
-        t["n"] = len(ids) * seg["epochs"]
-        t["extra"] = f"labels {seg['labels']}, {seg['epochs']} epochs on {device}, final loss {history[-1]['loss']:.4f}"
+        t.n = len(ids) * seg["epochs"]
+        t.extra = f"labels {seg['labels']}, {seg['epochs']} epochs on {device}, final loss {history[-1]['loss']:.4f}"
     save_segmenter(SEG_MODEL / "segmenter.pt", model, seg, prepared.class_names, seg["labels"], history)
     clear_resume(RESUME)
     out = PLOTS / "train_seg" / "history.csv"
