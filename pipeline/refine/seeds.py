@@ -38,7 +38,7 @@ from pipeline.refine.common import (grid_to_image, open_prepared, open_store, pr
                                     required_cam_threshold, to_class_labels, with_background,
                                     write_scored_label_store)
 from pipeline.refine.crf import CrfSettings, crf_argmax, label_crf
-from pipeline.registry import REFINERS
+from pipeline.registry import REFINERS, check_options
 from pipeline.store import IGNORE_INDEX
 
 
@@ -132,9 +132,12 @@ def resolve_thresholds(crf: dict, cam_threshold: float | None) -> dict:
 
 
 def seed_maker(crf: dict) -> SeedMaker:
-    """The SeedMaker named by ``crf.mode`` (built-in, plugin or dotted path)."""
+    """The SeedMaker named by ``crf.mode`` (built-in, plugin or dotted path), built with
+    ``crf.mode_options`` as keyword args (the built-ins take none)."""
     cls = REFINERS.get(crf["mode"])
-    maker = cls(crf)
+    options = dict(crf.get("mode_options") or {})
+    check_options(cls, options, "crf.mode_options", f"refiner {crf['mode']!r}")
+    maker = cls(crf, **options)
     if not callable(maker):
         raise TypeError(f"param crf.mode: {crf['mode']!r} does not build a callable seed maker")
     return maker
