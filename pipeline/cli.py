@@ -54,13 +54,14 @@ def _quality(args):
 
 
 def _plugins(args):
-    from pipeline.registry import BACKBONES, CAM_METHODS, REFINERS
+    from pipeline.registry import BACKBONES, CAM_METHODS, DATASETS, REFINERS
 
     import pipeline.cam  # noqa: F401  (registers the built-in methods)
+    import pipeline.datasets  # noqa: F401
     import pipeline.models.backbones  # noqa: F401
     import pipeline.refine  # noqa: F401
 
-    for reg in (BACKBONES, CAM_METHODS, REFINERS):
+    for reg in (BACKBONES, CAM_METHODS, REFINERS, DATASETS):
         print(f"{reg.kind}: {', '.join(reg.names())}")
 
 
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
     p.add_argument("--note", action="append", help="a line of text to put under the title; repeatable")
     p.set_defaults(fn=_quality)
 
-    p = sub.add_parser("plugins", help="list backbones, CAM methods and refiners (built-in and plugins)")
+    p = sub.add_parser("plugins", help="list backbones, CAM methods, refiners and datasets (built-in and plugins)")
     p.set_defaults(fn=_plugins)
 
     args = ap.parse_args(argv)

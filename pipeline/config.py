@@ -45,11 +45,13 @@ def _int(default, lo=None, hi=None, help=""):
     return P(int, default, min=lo, max=hi, help=help)
 
 
-BACKBONES = ("tiny", "resnet18", "resnet50", "efficientnet_lite0")
+# the built-in names; cam.backbone / seg.backbone may also name a plugin (pipeline.registry.BACKBONES)
+BUILTIN_BACKBONE_NAMES = ("tiny", "resnet18", "resnet50", "efficientnet_lite0")
 
 SCHEMA: dict[str, dict[str, Any]] = {
     "data": {
-        "dataset": P(str, "demo", choices=("demo", "voc", "coco", "folder"), help="demo | voc | coco | folder"),
+        "dataset": P(str, "demo", choices=("demo", "voc", "coco", "folder"), free_text=True,
+                     help="demo | voc | coco | folder | a plugin name or dotted path"),
         "root": P(str, "data/demo", help="dataset root (voc, coco, folder); the demo is generated into data/prepared/demo"),
         "train_split": P(str, "train", help="split the labels are made for"),
         "eval_split": P(str, "val", help="split the segmenter is evaluated on"),
@@ -72,9 +74,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "gallery_ids": _int(6, 0, 64, help="how many fixed images the galleries show"),
     },
     "cam": {
-        "backbone": P(str, "efficientnet_lite0", choices=BACKBONES, free_text=True),
+        "backbone": P(str, "efficientnet_lite0", choices=BUILTIN_BACKBONE_NAMES, free_text=True),
         "weights": P(str, "imagenet", free_text=True, help="imagenet | none | <path to a state_dict>"),
         "method": P(str, "cam", free_text=True, help="cam | gradcam | gradcampp | a plugin name or dotted path"),
+        "method_options": P(dict, {}, help="keyword args of the method's constructor (a plugin's settings; the built-ins take none)"),
         "epochs": _int(6, 1),
         "batch_size": _int(16, 1),
         "lr": _num(0.02, 0.0),
@@ -99,6 +102,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "crf": {
         "enabled": P(bool, True),
         "mode": P(str, "affinitynet", choices=("affinitynet", "irnet"), free_text=True),
+        "mode_options": P(dict, {}, help="keyword args of the seed maker's constructor (a plugin's settings; the built-ins take none)"),
         "merge": P(str, "published", choices=("published", "agree"),
                    help="how the fg- and bg-confident labellings combine: as each paper's code (published) or where they agree"),
         "iterations": _int(10, 1),
@@ -146,7 +150,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "seg": {
         "labels": P(str, "pseudo", choices=("pseudo", "gt")),
-        "backbone": P(str, "tiny", choices=BACKBONES, free_text=True),
+        "backbone": P(str, "tiny", choices=BUILTIN_BACKBONE_NAMES, free_text=True),
         "weights": P(str, "none", free_text=True),
         "epochs": _int(15, 1),
         "batch_size": _int(16, 1),
@@ -294,6 +298,8 @@ def _check_value(key: str, p: P, value: Any) -> Any:
         raise ParamsError(f"param {key}: expected {p.kind.__name__}, got {type(value).__name__} ({value!r})")
     if isinstance(value, float) and not math.isfinite(value):
         raise ParamsError(f"param {key}: {value!r} is not a finite number")
+    if p.kind is dict:
+        value = _check_options(key, value)
     if p.kind is list:
         if not value:
             raise ParamsError(f"param {key}: must not be empty")
@@ -314,6 +320,20 @@ def _check_value(key: str, p: P, value: Any) -> Any:
     if p.max is not None and value > p.max:
         raise ParamsError(f"param {key}: {value!r} is above the maximum {p.max}")
     return value
+
+
+def _check_options(key: str, value: dict) -> dict:
+    """An options mapping: identifier keys to YAML scalars (str, int, float, bool, null) or lists of them."""
+    def scalar(v) -> bool:
+        return v is None or isinstance(v, (str, int, float, bool)) and not (isinstance(v, float) and not math.isfinite(v))
+
+    for name, v in value.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ParamsError(f"param {key}: option names must be identifiers (keyword args), got {name!r}")
+        if not (scalar(v) or isinstance(v, list) and all(scalar(x) for x in v)):
+            raise ParamsError(f"param {key}.{name}: expected a finite number, string, bool, null or a list of them, "
+                              f"got {v!r}")
+    return dict(value)
 
 
 def validate(raw: dict, source: str = "params") -> dict[str, dict[str, Any]]:
@@ -355,25 +375,36 @@ def validate(raw: dict, source: str = "params") -> dict[str, dict[str, Any]]:
 
 # params whose value names a registered part (built-in, entry-point plugin or dotted path)
 REGISTERED = {"cam.backbone": "BACKBONES", "seg.backbone": "BACKBONES", "cam.method": "CAM_METHODS",
-              "crf.mode": "REFINERS"}
+              "crf.mode": "REFINERS", "data.dataset": "DATASETS"}
+# params holding the keyword args of the part another param names: options key -> that name's key
+OPTIONS = {"cam.method_options": "cam.method", "crf.mode_options": "crf.mode"}
 
 
 def _check_registered(params: dict) -> None:
     """Resolve every name in REGISTERED now, so a typo or a broken plugin fails at load naming the
     key, not in the stage that first builds it."""
     import pipeline.cam.methods  # noqa: F401  (registers the built-ins)
+    import pipeline.datasets  # noqa: F401
     import pipeline.models.backbones  # noqa: F401
     import pipeline.refine.seeds  # noqa: F401
     from pipeline import registry
 
+    parts = {}
     for key, reg_name in REGISTERED.items():
         ns, name = key.split(".")
         value = params[ns][name]
         try:
-            getattr(registry, reg_name).get(value)
+            parts[key] = getattr(registry, reg_name).get(value)
         except Exception as e:
             text = str(e)
             raise ParamsError(text if text.startswith(f"param {key}") else f"param {key}: {value!r} cannot be used: {text}") from e
+    for key, part_key in OPTIONS.items():
+        ns, name = key.split(".")
+        part_ns, part_name = part_key.split(".")
+        try:  # the part is built as part(<model or crf params>, **options)
+            registry.check_options(parts[part_key], params[ns][name], key, f"{part_key} {params[part_ns][part_name]!r}")
+        except registry.OptionsError as e:
+            raise ParamsError(str(e)) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, dict[str, Any]]:

@@ -5,6 +5,8 @@ import logging
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
 
 from tqdm.auto import tqdm
 
@@ -23,17 +25,25 @@ def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", dis
                 mininterval=1.0 if sys.stderr.isatty() else 15.0, **kw)
 
 
+@dataclass
+class StageTiming:
+    """What a stage block reports: ``n`` items processed, ``extra`` a short note for the log line."""
+
+    n: int = 0
+    extra: str = ""
+
+
 @contextmanager
-def stage_timer(stage: str, unit: str = "img"):
+def stage_timer(stage: str, unit: str = "img") -> Iterator[StageTiming]:
     """Logs ``stage <name>: N img in T s (R img/s)`` when the block ends.
 
-    The block sets ``counter["n"]`` to the number of items it processed and may add
-    ``counter["extra"]`` (a short string) to the line.
+    The block sets ``timing.n`` to the number of items it processed and may set ``timing.extra``
+    (a short string) to add to the line.
     """
-    counter = {"n": 0, "extra": ""}
+    timing = StageTiming()
     t0 = time.perf_counter()
-    yield counter
+    yield timing
     dt = time.perf_counter() - t0
-    rate = counter["n"] / dt if dt > 0 else float("inf")
-    extra = f"; {counter['extra']}" if counter["extra"] else ""
-    log.info("stage %s: %d %s in %.1f s (%.1f %s/s)%s", stage, counter["n"], unit, dt, rate, unit, extra)
+    rate = timing.n / dt if dt > 0 else float("inf")
+    extra = f"; {timing.extra}" if timing.extra else ""
+    log.info("stage %s: %d %s in %.1f s (%.1f %s/s)%s", stage, timing.n, unit, dt, rate, unit, extra)

@@ -1,13 +1,17 @@
-"""Registries of swappable parts (backbones, CAM methods, refiners), picked by a name in params.
+"""Registries of swappable parts (backbones, CAM methods, refiners, datasets), picked by a name in params.
 
 A name resolves, in order, to: a built-in registered with ``@REG.register("name")``; a plugin
 advertised by an installed package under the entry-point group ``wsss.plugins`` with the name
 ``<kind>.<name>`` (e.g. ``cam_method.scorecam = mypkg.cams:ScoreCAM``); or a dotted path
 ``package.module:Object`` / ``package.module.Object`` given directly in params.
+
+A part's own settings come from an options param (``cam.method_options``, ``crf.mode_options``):
+keyword args of its constructor, checked by :func:`check_options`.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
@@ -17,6 +21,31 @@ ENTRY_POINT_GROUP = "wsss.plugins"
 class RegistryError(KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
         return str(self.args[0])
+
+
+class OptionsError(TypeError):
+    """An options param holds a key the part's constructor does not take (the message names both)."""
+
+
+def check_options(factory: Callable[..., Any], options: dict, param: str, what: str, positional: int = 1) -> None:
+    """Raise OptionsError naming ``param`` and the key unless ``factory(<positional args>, **options)``
+    would bind: ``positional`` leading args are the pipeline's (a CAM method's model, a refiner's ``crf``
+    params), every other named parameter is an option. ``what`` names the part in the message."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # no signature to read (a C callable): the call itself will tell
+        return
+    params = list(sig.parameters.values())
+    takes = [p.name for p in params[positional:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        for key in options:
+            if key not in takes:
+                raise OptionsError(f"param {param}: {what} has no option {key!r}; "
+                                   f"{'it takes ' + ', '.join(map(repr, takes)) if takes else 'it takes no options'}")
+    try:
+        sig.bind(*[None] * positional, **options)
+    except TypeError as e:
+        raise OptionsError(f"param {param}: {what} cannot take options {options}: {e}") from None
 
 
 def load_dotted(path: str) -> Any:
@@ -92,3 +121,4 @@ class Registry:
 BACKBONES = Registry("backbone")  # cam.backbone and seg.backbone both name one
 CAM_METHODS = Registry("cam_method", param="cam.method")
 REFINERS = Registry("refiner", param="crf.mode")
+DATASETS = Registry("dataset", param="data.dataset")  # Dataset subclasses (pipeline.datasets.base)

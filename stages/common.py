@@ -44,3 +44,15 @@ def start(stage: str, params_file: str = "params.yaml") -> dict:
     setup_logging()
     logging.getLogger("wsss").info("stage %s: starting", stage)
     return load_params(params_file)
+
+
+def torch_device(params: dict, loader_workers: int = 0, seed: bool = False):
+    """The torch device of a stage (``compute.device``), its CPU threads set, and for training stages
+    every RNG seeded from ``compute.seed``."""
+    from pipeline.compute import resolve_device, seed_everything, set_torch_threads
+
+    if seed:
+        seed_everything(params["compute"]["seed"])
+    device = resolve_device(params["compute"]["device"])
+    set_torch_threads(params["compute"], device, loader_workers)
+    return device

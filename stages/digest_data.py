@@ -12,8 +12,8 @@ def main() -> None:
     params = start("digest_data")
     with stage_timer("digest_data") as t:
         digest = dataset_digest(params["data"], cache_file=DIGEST_CACHE)
-        t["n"] = digest["files"]
-        t["extra"] = f"{digest['bytes'] / 1e6:.1f} MB, digest {digest['digest']}"
+        t.n = digest["files"]
+        t.extra = f"{digest['bytes'] / 1e6:.1f} MB, digest {digest['digest']}"
     write_json(DATASET_DIGEST, digest)
 
 

@@ -15,8 +15,8 @@ def main() -> None:
     with stage_timer("export") as t:
         summary = run_export(PSEUDO, PREPARED, params["data"], params["export"]["formats"], EXPORTS, force=True,
                              params=mask_params, label_metrics=read_json(LABEL_METRICS), nest=True)
-        t["n"] = summary["count"] * len(summary["formats"])
-        t["extra"] = ", ".join(f"{k} {v['bytes_per_image']:.0f} B/img" for k, v in summary["formats"].items())
+        t.n = summary["count"] * len(summary["formats"])
+        t.extra = ", ".join(f"{k} {v['bytes_per_image']:.0f} B/img" for k, v in summary["formats"].items())
 
 
 if __name__ == "__main__":

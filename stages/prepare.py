@@ -13,8 +13,8 @@ def main() -> None:
     with stage_timer("prepare") as t:
         summary = prepare_dataset(data, PREPARED, shard_images=params["compute"]["shard_images"],
                                   source=dataset_digest(data, cache_file=DIGEST_CACHE))
-        t["n"] = sum(summary["images"].values())
-        t["extra"] = f"{summary['skipped']} skipped (see {PREPARED / 'skipped.json'})"
+        t.n = sum(summary["images"].values())
+        t.extra = f"{summary['skipped']} skipped (see {PREPARED / 'skipped.json'})"
     prepared = PreparedData(data, PREPARED)
     summary["train_classes"] = class_statistics(prepared, data["train_split"])
     write_json("metrics/data.json", summary)

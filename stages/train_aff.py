@@ -1,38 +1,20 @@
 """Stage train_aff: data/seeds.zarr (+ the CAM classifier) -> models/affinity/affinity.pt, plots/train_aff/history.csv."""
-import csv
-
-from pipeline.compute import resolve_device, seed_everything, set_torch_threads
-from pipeline.models.affinity import build_affinity_net
+from pipeline.metrics import write_csv
 from pipeline.progress import stage_timer
-from pipeline.refine.affinity_training import train_affinity
-from pipeline.refine.runner import open_prepared
-from pipeline.store import Store
-from stages.common import AFF_MODEL, CAM_MODEL, PLOTS, PREPARED, SEEDS, resume_file, start
-
-RESUME = resume_file(AFF_MODEL)
+from pipeline.refine.affinity_training import train_and_save
+from stages.common import AFF_MODEL, CAM_MODEL, PLOTS, PREPARED, SEEDS, resume_file, start, torch_device
 
 
 def main() -> None:
     params = start("train_aff")
-    aff, compute = params["affinity"], params["compute"]
-    seed_everything(compute["seed"])
-    device = resolve_device(compute["device"])
-    set_torch_threads(compute, device, aff["num_workers"])
-    prepared = open_prepared(PREPARED, params["data"])
-    seeds = Store(SEEDS)
-    model, backbone_name = build_affinity_net(params["cam"]["backbone"], aff["init"], aff["stride"],
-                                              CAM_MODEL / "classifier.pt", aff["embed_dim"], aff["frozen_levels"])
+    device = torch_device(params, params["affinity"]["num_workers"], seed=True)
     with stage_timer("train_aff") as t:
-        history = train_affinity(model, prepared, seeds, seeds.ids, aff, device, compute["seed"], backbone_name,
-                                 AFF_MODEL / "affinity.pt", RESUME)
-        t["n"] = len(seeds.ids) * aff["epochs"]
-        t["extra"] = f"final loss {history[-1]['loss']:.4f}"
-    out = PLOTS / "train_aff" / "history.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
+        result = train_and_save(PREPARED, params, SEEDS, CAM_MODEL / "classifier.pt", AFF_MODEL / "affinity.pt",
+                                resume_file(AFF_MODEL), device)
+        m = result["metrics"]
+        t.n = m["train_images"] * m["epochs"]
+        t.extra = f"final loss {m['final_loss']:.4f}"
+    write_csv(PLOTS / "train_aff" / "history.csv", result["history"])
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 A method turns a batch of normalised images into raw (un-normalised, un-merged) class maps on the
 model's feature grid. Multi-scale / flip merging, ReLU and max-normalisation happen in
 :mod:`pipeline.cam.infer`, the same for every method. A plugin adds a method by subclassing
-:class:`CamMethod`, implementing :meth:`CamMethod.compute` and registering it (``@CAM_METHODS.register``
-or an entry point ``cam_method.<name>`` in group ``wsss.plugins``).
+:class:`CamMethod` (implementing :meth:`CamMethod.compute`) or, for a gradient method,
+:class:`GradientCamMethod` (implementing :meth:`GradientCamMethod.cam_image` or only
+:meth:`GradientCamMethod.channel_weights`), and registering it (``@CAM_METHODS.register`` or an entry
+point ``cam_method.<name>`` in group ``wsss.plugins``). ``cam.method_options`` are passed to the
+method's constructor as keyword args; the built-ins take none.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.registry import CAM_METHODS
+from pipeline.registry import CAM_METHODS, check_options
 
 
 @dataclass
@@ -46,11 +49,15 @@ class CamMethod:
         return CamOutput(out.maps.float(), out.logits.float())
 
 
-def build_method(name: str, model) -> CamMethod:
+def build_method(name: str, model, options: dict | None = None) -> CamMethod:
+    """The method registered as ``name`` (param ``cam.method``) for ``model``, built with ``options``
+    (param ``cam.method_options``) as keyword args; an option it does not take raises OptionsError."""
     cls = CAM_METHODS.get(name)
     if not (isinstance(cls, type) and issubclass(cls, CamMethod)):
         raise TypeError(f"param cam.method: {name!r} resolves to {cls!r}, which is not a CamMethod subclass")
-    return cls(model)
+    options = dict(options or {})
+    check_options(cls, options, "cam.method_options", f"cam_method {name!r}")
+    return cls(model, **options)
 
 
 @CAM_METHODS.register("cam")
@@ -65,18 +72,28 @@ class ClassActivationMap(CamMethod):
         return CamOutput(maps, maps.float().mean((2, 3)))
 
 
-class _GradientMethod(CamMethod):
-    """Shared part of gradient methods: per-class gradients of the logit w.r.t. the last feature map.
+class GradientCamMethod(CamMethod):
+    """Base of gradient methods: the gradients of each present class's logit w.r.t. the last feature
+    map, computed once per class, turned into that class's map by :meth:`cam_image` (the hook of
+    pytorch-grad-cam's ``get_cam_image``).
 
     Only the head lies between that map and the logits, so the backward pass never enters the
-    backbone: one cheap backward per class present in the batch.
+    backbone: one cheap backward per class present in the batch. A subclass overrides
+    :meth:`cam_image`, or only :meth:`channel_weights` for a map ReLU(Σ_d w_d A_d).
     """
 
     needs_grad = True
 
     def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         """acts, grads: (B, D, h, w) -> (B, D) weights of the feature channels."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} overrides neither cam_image nor channel_weights")
+
+    def cam_image(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """acts: (B, D, h, w) float32 features (no grad); grads: (B, D, h, w) float32 gradients of one
+        class's logit w.r.t. them -> (B, h, w) float32 map of that class, >= 0.
+        Default: ReLU(Σ_d w_d A_d) with w = :meth:`channel_weights`."""
+        w = self.channel_weights(acts, grads)
+        return torch.relu((w[:, :, None, None] * acts).sum(1))
 
     def compute(self, features, labels):
         acts = features.detach().float().clone().requires_grad_(True)
@@ -88,14 +105,12 @@ class _GradientMethod(CamMethod):
             for n, c in enumerate(present):
                 # logits of different images depend only on their own features: one backward for the batch
                 (grads,) = torch.autograd.grad(logits[:, c].sum(), acts, retain_graph=n < len(present) - 1)
-                w = self.channel_weights(acts.detach(), grads)
-                cam = torch.relu((w[:, :, None, None] * acts.detach()).sum(1))
-                maps[:, c] = cam * labels[:, c, None, None]
+                maps[:, c] = self.cam_image(acts.detach(), grads) * labels[:, c, None, None]
         return CamOutput(maps, logits.detach())
 
 
 @CAM_METHODS.register("gradcam")
-class GradCAM(_GradientMethod):
+class GradCAM(GradientCamMethod):
     """Grad-CAM (Selvaraju et al.): channel weights = spatially averaged gradients, then ReLU."""
 
     name = "gradcam"
@@ -105,7 +120,7 @@ class GradCAM(_GradientMethod):
 
 
 @CAM_METHODS.register("gradcampp")
-class GradCAMPlusPlus(_GradientMethod):
+class GradCAMPlusPlus(GradientCamMethod):
     """Grad-CAM++ (Chattopadhyay et al.): weights = Σ α·ReLU(grad) with the closed-form α for an
     exponential score, α = g² / (2g² + Σ_ij A · g³)."""
 

@@ -68,7 +68,7 @@ def make_cam_store(prepared, model: CamClassifier, meta: dict, params: dict, dev
                          f"{prepared.class_names}; re-run train_cam")
     ids = list(prepared.ids(data["train_split"]) if ids is None else ids)
     sizes = prepared.sizes(ids)
-    method = build_method(cam["method"], model)
+    method = build_method(cam["method"], model, cam["method_options"])
     inference = CamInference(method, cam["scales"], cam["flip"], cam["stride"], device, dtype=cam["infer_dtype"])
     logits_by_id: dict[str, np.ndarray] = {}
 

@@ -20,6 +20,7 @@ import numpy as np
 from pipeline.datasets.base import Dataset, ExcludedItem, check_id
 from pipeline.datasets.imageio import DatasetError
 from pipeline.labels import IGNORE_INDEX
+from pipeline.registry import DATASETS
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -127,6 +128,7 @@ def _segmentation_mask(seg, h: int, w: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
+@DATASETS.register("coco")
 class CocoDataset(Dataset):
     name = "coco"
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.datasets.imageio import write_label_png, voc_palette
 from pipeline.datasets.voc import VOCDataset
+from pipeline.registry import DATASETS
 
 DEMO_CLASSES = ["background", "disk", "square", "triangle", "star", "cross", "ring"]
 # (a, b, p): when class a is drawn and another object follows, it is class b with probability p.
@@ -190,6 +191,7 @@ def generate(root: str | Path, seed: int, num_train: int, num_val: int, min_side
     return DemoDataset(root)
 
 
+@DATASETS.register("demo")
 class DemoDataset(VOCDataset):
     name = "demo"
 

@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.datasets.base import Dataset, Record, check_id
 from pipeline.datasets.imageio import DatasetError, read_utf8_text
+from pipeline.registry import DATASETS
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".tif", ".tiff", ".webp")
 _LABEL_SEP = re.compile(r"[;\s]+")
@@ -64,6 +65,7 @@ def val_score(image_id: str) -> float:
     return int.from_bytes(hashlib.sha256(image_id.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
 
 
+@DATASETS.register("folder")
 class FolderDataset(Dataset):
     name = "folder"
 

@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.datasets.base import Dataset, check_id
 from pipeline.datasets.imageio import DatasetError, read_label_png
+from pipeline.registry import DATASETS
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -17,6 +18,7 @@ VOC_CLASSES = [
 ]
 
 
+@DATASETS.register("voc")
 class VOCDataset(Dataset):
     name = "voc"
 

@@ -38,7 +38,7 @@ from pipeline.labels import IGNORE_INDEX, grid_to_image, present_classes, to_cla
 from pipeline.refine.runner import (open_prepared, open_store, read_cams, required_cam_threshold,
                                     write_scored_label_store)
 from pipeline.refine.crf import CrfSettings, crf_argmax, label_crf
-from pipeline.registry import REFINERS
+from pipeline.registry import REFINERS, check_options
 
 
 MERGE_RULES = ("published", "agree")
@@ -131,9 +131,12 @@ def resolve_thresholds(crf: dict, cam_threshold: float | None) -> dict:
 
 
 def seed_maker(crf: dict) -> SeedMaker:
-    """The SeedMaker named by ``crf.mode`` (built-in, plugin or dotted path)."""
+    """The SeedMaker named by ``crf.mode`` (built-in, plugin or dotted path), built with
+    ``crf.mode_options`` as keyword args (the built-ins take none)."""
     cls = REFINERS.get(crf["mode"])
-    maker = cls(crf)
+    options = dict(crf.get("mode_options") or {})
+    check_options(cls, options, "crf.mode_options", f"refiner {crf['mode']!r}")
+    maker = cls(crf, **options)
     if not callable(maker):
         raise TypeError(f"param crf.mode: {crf['mode']!r} does not build a callable seed maker")
     return maker

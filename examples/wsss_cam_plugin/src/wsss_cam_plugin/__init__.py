@@ -10,23 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.cam import CamMethod, CamOutput
+from pipeline.cam import GradientCamMethod
 
 
-class LayerCAM(CamMethod):
+class LayerCAM(GradientCamMethod):
+    """The base computes the features and, per labelled class, the gradients of its logit; LayerCAM
+    only says how they make the map."""
+
     name = "layercam"
-    needs_grad = True
 
-    def compute(self, features: torch.Tensor, labels: torch.Tensor) -> CamOutput:
-        """features: (B, D, h, w); labels: (B, K) bool -> maps (B, K, h, w), logits (B, K)."""
-        acts = features.detach().float().clone().requires_grad_(True)
-        b, k = labels.shape
-        maps = acts.new_zeros((b, k) + tuple(acts.shape[-2:]))
-        with torch.enable_grad():
-            logits = self.model.head(acts).float()
-            present = [c for c in range(k) if bool(labels[:, c].any())]
-            for n, c in enumerate(present):
-                (grads,) = torch.autograd.grad(logits[:, c].sum(), acts, retain_graph=n < len(present) - 1)
-                cam = torch.relu((torch.relu(grads) * acts.detach()).sum(1))
-                maps[:, c] = cam * labels[:, c, None, None]
-        return CamOutput(maps, logits.detach())
+    def cam_image(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """acts, grads: (B, D, h, w) -> (B, h, w): ReLU(Σ_d ReLU(∂y/∂A_d) · A_d)."""
+        return torch.relu((torch.relu(grads) * acts).sum(1))
