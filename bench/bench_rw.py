@@ -55,7 +55,7 @@ def synthetic_inputs(stride: int, seed: int = 0):
     aff = torch.stack([torch.exp(-(f - shifted(f, dy, dx)).abs().mean(0) / 20.0) for dy, dx in offsets]).numpy()
     cg = np.stack([cv2.resize(c, (gw, gh), interpolation=cv2.INTER_AREA) for c in cams])
     cg /= cg.max(axis=(1, 2), keepdims=True)
-    from pipeline.refine.runner import with_background
+    from pipeline.refine.common import with_background
 
     return image, aff.astype(np.float32), with_background(cg, ALPHA)
 
