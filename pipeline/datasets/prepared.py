@@ -42,6 +42,9 @@ class PreparedData:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._items
+
     def ids(self, split: str) -> list[str]:
         if split not in self.index["splits"]:
             raise DatasetError(f"split {split!r} was not prepared; prepared splits: {sorted(self.index['splits'])}")

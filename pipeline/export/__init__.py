@@ -227,7 +227,7 @@ def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_par
             if bad_vals.size:
                 raise ExportError(f"{pseudo_store_path}: mask of {image_id!r} has values {bad_vals.tolist()} outside "
                                   f"0..{n_classes - 1} and {IGNORE_INDEX}")
-            if not scored["done"] and image_id in prepared._items and prepared.has_gt(image_id):
+            if not scored["done"] and image_id in prepared and prepared.has_gt(image_id):
                 quality.update(m, prepared.gt(image_id))
                 scored["images"] += 1
             yield image_id, m

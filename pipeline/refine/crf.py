@@ -11,18 +11,23 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from pipeline.config import SCHEMA
+
 PROB_CLIP = 1e-5
+_DEFAULT = {k: p.default for k, p in SCHEMA["crf"].items()}  # the params schema is the one source of defaults
 
 
 @dataclass(frozen=True)
 class CrfSettings:
-    iterations: int = 10
-    gaussian_sxy: float = 3.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 80.0
-    bilateral_srgb: float = 13.0
-    bilateral_compat: float = 10.0
-    scale: float = 1.0
+    """The dense CRF's kernels and iterations (the ``crf`` params; defaults from the schema)."""
+
+    iterations: int = _DEFAULT["iterations"]
+    gaussian_sxy: float = _DEFAULT["gaussian_sxy"]
+    gaussian_compat: float = _DEFAULT["gaussian_compat"]
+    bilateral_sxy: float = _DEFAULT["bilateral_sxy"]
+    bilateral_srgb: float = _DEFAULT["bilateral_srgb"]
+    bilateral_compat: float = _DEFAULT["bilateral_compat"]
+    scale: float = _DEFAULT["scale"]
 
     @classmethod
     def from_params(cls, crf: dict) -> "CrfSettings":
