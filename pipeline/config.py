@@ -95,7 +95,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "eval_thr_max": _num(0.60, 0.0, 1.0),
         "eval_thr_step": _num(0.05, 0.001, 1.0),
         "num_workers": _int(1, 0),
-        "infer_batch": _int(8, 1, help="make_cam: images of one size per forward pass"),
+        "infer_batch": _int(8, 1, help="make_cam on a GPU: images of one size per forward pass (the CPU runs one image + flip per pass)"),
         "infer_dtype": P(str, "auto", choices=("auto", "float32", "bfloat16"),
                          help="make_cam precision: auto = bf16 on CUDA, fp32 on CPU"),
     },
@@ -151,7 +151,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "seg": {
         "labels": P(str, "pseudo", choices=("pseudo", "gt")),
         "backbone": P(str, "tiny", choices=BUILTIN_BACKBONE_NAMES, free_text=True),
-        "weights": P(str, "none", free_text=True),
+        "weights": P(str, "none", free_text=True,
+                     help="imagenet | none | classifier (the trained CAM classifier's backbone) | <path to a state_dict>"),
         "epochs": _int(15, 1),
         "batch_size": _int(16, 1),
         "lr": _num(0.01, 0.0),
@@ -246,7 +247,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "affinity": {"crop_size": 256, "batch_size": 8, "epochs": 5, "lr": 0.05, "scale_min": 0.5, "scale_max": 1.0,
                      "stride": 4, "radius": 5, "embed_dim": 64, "frozen_levels": 2, "num_workers": 1},
         "rw": {"background": "cam_sweep", "beta": 10.0, "logt": 8},
-        "seg": {"backbone": "efficientnet_lite0", "weights": "imagenet", "epochs": 8, "batch_size": 16, "lr": 0.01,
+        "seg": {"backbone": "efficientnet_lite0", "weights": "classifier", "epochs": 8, "batch_size": 16, "lr": 0.01,
                 "crop_size": 320, "scale_min": 0.5, "scale_max": 1.0, "frozen_levels": 2, "freeze_bn": True,
                 "aspp_channels": 128, "num_workers": 1},
         "compute": {"torch_threads": 2},
@@ -361,6 +362,9 @@ def validate(raw: dict, source: str = "params") -> dict[str, dict[str, Any]]:
     if out["cam"]["eval_thr_min"] > out["cam"]["eval_thr_max"]:
         raise ParamsError("param cam.eval_thr_min: must not exceed cam.eval_thr_max")
     s = out["seg"]
+    if s["weights"] == "classifier" and s["backbone"] != out["cam"]["backbone"]:
+        raise ParamsError(f"param seg.weights: 'classifier' needs seg.backbone equal to cam.backbone "
+                          f"({s['backbone']!r} vs {out['cam']['backbone']!r})")
     if any(r < 1 for r in s["aspp_rates"]):
         raise ParamsError(f"param seg.aspp_rates: rates must be >= 1, got {s['aspp_rates']}")
     for key, values in (("seg.eval_scales", s["eval_scales"]), ("cam.scales", out["cam"]["scales"])):

@@ -191,9 +191,10 @@ def score_store(store: Store, prepared, ids: Sequence[str] | None = None, array:
 
 
 def train_and_save(prepared, params: dict, device: torch.device, pseudo_path: str | Path, checkpoint: str | Path,
-                   resume_path: str | Path) -> dict:
-    """What the train_seg stage does: train on the pseudo masks (``seg.labels: pseudo``) or GT, save
-    ``checkpoint``, clear the resume file. Returns {"history", "metrics"}."""
+                   resume_path: str | Path, classifier_path: str | Path | None = None) -> dict:
+    """What the train_seg stage does: train on the pseudo masks (``seg.labels: pseudo``) or GT from
+    ``seg.weights`` (``classifier``: the CAM classifier at ``classifier_path``), save ``checkpoint``,
+    clear the resume file. Returns {"history", "metrics"}."""
     from pipeline.models.segmenter import build_segmenter, save_segmenter
     from pipeline.provenance import prepared_digest
     from pipeline.training import clear_resume
@@ -202,7 +203,7 @@ def train_and_save(prepared, params: dict, device: torch.device, pseudo_path: st
     ids = prepared.ids(data["train_split"])
     masks = mask_source(seg["labels"], prepared, pseudo_path, ids)
     train_set = SegTrainSet(prepared, ids, masks, seg["crop_size"], seg["scale_min"], seg["scale_max"], seed)
-    model = build_segmenter(prepared.num_classes, seg)
+    model = build_segmenter(prepared.num_classes, seg, classifier_path)
     labels = Store(pseudo_path).attrs.get("fingerprint") if seg["labels"] == "pseudo" else "gt"
     history = train_segmenter(model, train_set, seg, device, seed, resume_path,
                               {"labels": labels, "prepared": prepared_digest(prepared.dir)})

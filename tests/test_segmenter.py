@@ -108,6 +108,36 @@ def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path):
                                   predict_mask(loaded, img, torch.device("cpu"), seg))
 
 
+def test_classifier_weights_start_the_backbone_from_the_cam_classifier(tmp_path):
+    from pipeline.models.classifier import build_classifier, save_classifier
+
+    torch.manual_seed(0)
+    clf = build_classifier("tiny", "none", 2)
+    with torch.no_grad():
+        for p in clf.parameters():
+            p.add_(torch.randn_like(p))  # unlike any fresh initialisation
+    save_classifier(tmp_path / "classifier.pt", clf, "tiny", ["a", "b"], {})
+    seg = _seg(weights="classifier", aspp_channels=8)
+    model = build_segmenter(3, seg, tmp_path / "classifier.pt")
+    for key, value in clf.backbone.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    fresh = build_segmenter(3, _seg(aspp_channels=8))
+    assert any(not torch.equal(fresh.backbone.state_dict()[k], v) for k, v in clf.backbone.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="seg.weights=classifier"):
+        build_segmenter(3, seg, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="seg.backbone is 'resnet18'"):
+        build_segmenter(3, _seg(weights="classifier", backbone="resnet18"), tmp_path / "classifier.pt")
+
+
+def test_classifier_weights_need_the_cam_backbone():
+    from pipeline.config import ParamsError, validate
+
+    params = preset("tiny")
+    params["seg"].update(weights="classifier", backbone="resnet18")
+    with pytest.raises(ParamsError, match="seg.weights"):
+        validate(params)
+
+
 def test_gt_labels_need_ground_truth_for_every_training_image():
     class NoGT:
         def has_gt(self, image_id):

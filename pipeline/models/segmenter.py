@@ -82,11 +82,31 @@ class Segmenter(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def build_segmenter(num_classes: int, seg: dict) -> Segmenter:
-    """A Segmenter from the ``seg`` params namespace."""
-    return Segmenter(num_classes, seg["backbone"], seg["weights"], rates=seg["aspp_rates"],
-                     channels=seg["aspp_channels"], dropout=seg["dropout"], frozen_levels=seg.get("frozen_levels", 0),
-                     freeze_bn=seg.get("freeze_bn", False))  # a loaded checkpoint's arch has neither: no training
+def build_segmenter(num_classes: int, seg: dict, classifier_checkpoint: str | Path | None = None) -> Segmenter:
+    """A Segmenter from the ``seg`` params namespace. ``seg.weights: classifier`` starts the
+    backbone from the trained CAM classifier's (``classifier_checkpoint``), which must have the
+    same backbone architecture."""
+    classifier = seg["weights"] == "classifier"
+    model = Segmenter(num_classes, seg["backbone"], "none" if classifier else seg["weights"], rates=seg["aspp_rates"],
+                      channels=seg["aspp_channels"], dropout=seg["dropout"], frozen_levels=seg.get("frozen_levels", 0),
+                      freeze_bn=seg.get("freeze_bn", False))  # a loaded checkpoint's arch has neither: no training
+    if classifier:
+        model.backbone.load_state_dict(classifier_backbone_state(classifier_checkpoint, seg["backbone"]))
+    return model
+
+
+def classifier_backbone_state(path: str | Path | None, backbone_name: str) -> dict:
+    """The backbone weights of the CAM classifier saved at ``path`` (for ``seg.weights: classifier``)."""
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"param seg.weights=classifier: classifier checkpoint not found: {path}; "
+                                "run the train_cam stage or set seg.weights to imagenet | none | <path>")
+    from pipeline.models.classifier import load_classifier
+
+    model, meta = load_classifier(path, torch.device("cpu"))
+    if meta.get("backbone") != backbone_name:
+        raise ValueError(f"param seg.weights=classifier: the classifier in {path} has backbone "
+                         f"{meta.get('backbone')!r} but seg.backbone is {backbone_name!r}; set them equal")
+    return model.backbone.state_dict()
 
 
 ARCH_KEYS = ("backbone", "aspp_rates", "aspp_channels", "dropout")
