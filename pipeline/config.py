@@ -78,6 +78,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "weights": P(str, "imagenet", free_text=True, help="imagenet | none | <path to a state_dict>"),
         "method": P(str, "cam", free_text=True, help="cam | gradcam | gradcampp | a plugin name or dotted path"),
         "method_options": P(dict, {}, help="keyword args of the method's constructor (a plugin's settings; the built-ins take none)"),
+        "training": P(str, "plain", free_text=True, help="plain | seam (equivariant regularisation) | a plugin name or dotted path"),
+        "training_options": P(dict, {}, help="keyword args of the training objective (seam: scale, weight)"),
         "epochs": _int(6, 1),
         "batch_size": _int(16, 1),
         "lr": _num(0.02, 0.0),
@@ -290,6 +292,14 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+# SEAM (Wang et al., CVPR 2020): PSA's AffinityNet refinement after a classifier trained with the
+# equivariant regularisation (rescaled copy at 0.3; 8 epochs, batch 8, lr 0.01, weight decay 5e-4,
+# 448 crops). SEAM's ResNet-38 is not built in; ResNet-50 stands in.
+PRESETS["seam"] = merge(PRESETS["psa"], {"cam": {"training": "seam", "training_options": {"scale": 0.3, "weight": 1.0},
+                                                 "epochs": 8, "batch_size": 8, "lr": 0.01, "weight_decay": 5e-4,
+                                                 "crop_size": 448}})
+
+
 def _check_value(key: str, p: P, value: Any) -> Any:
     if value is None and p.nullable:
         return None
@@ -379,15 +389,16 @@ def validate(raw: dict, source: str = "params") -> dict[str, dict[str, Any]]:
 
 # params whose value names a registered part (built-in, entry-point plugin or dotted path)
 REGISTERED = {"cam.backbone": "BACKBONES", "seg.backbone": "BACKBONES", "cam.method": "CAM_METHODS",
-              "crf.mode": "REFINERS", "data.dataset": "DATASETS"}
+              "crf.mode": "REFINERS", "data.dataset": "DATASETS", "cam.training": "CAM_TRAINING"}
 # params holding the keyword args of the part another param names: options key -> that name's key
-OPTIONS = {"cam.method_options": "cam.method", "crf.mode_options": "crf.mode"}
+OPTIONS = {"cam.method_options": "cam.method", "crf.mode_options": "crf.mode", "cam.training_options": "cam.training"}
 
 
 def _check_registered(params: dict) -> None:
     """Resolve every name in REGISTERED now, so a typo or a broken plugin fails at load naming the
     key, not in the stage that first builds it."""
     import pipeline.cam.methods  # noqa: F401  (registers the built-ins)
+    import pipeline.cam.objectives  # noqa: F401
     import pipeline.datasets  # noqa: F401
     import pipeline.models.backbones  # noqa: F401
     import pipeline.refine.seeds  # noqa: F401

@@ -1,4 +1,4 @@
-"""Registries of swappable parts (backbones, CAM methods, refiners, datasets), picked by a name in params.
+"""Registries of swappable parts (backbones, CAM methods, CAM training objectives, refiners, datasets), picked by a name in params.
 
 A name resolves, in order, to: a built-in registered with ``@REG.register("name")``; a plugin
 advertised by an installed package under the entry-point group ``wsss.plugins`` with the name
@@ -120,5 +120,6 @@ class Registry:
 
 BACKBONES = Registry("backbone")  # cam.backbone and seg.backbone both name one
 CAM_METHODS = Registry("cam_method", param="cam.method")
+CAM_TRAINING = Registry("cam_training", param="cam.training")  # objectives (pipeline.cam.objectives)
 REFINERS = Registry("refiner", param="crf.mode")
 DATASETS = Registry("dataset", param="data.dataset")  # Dataset subclasses (pipeline.datasets.base)

@@ -77,7 +77,7 @@ def test_committed_params_yaml_is_the_demo_preset_rendered():
     assert committed == render_params(preset("demo"))
 
 
-@pytest.mark.parametrize("name", ["demo", "tiny", "photos", "psa", "irnet"])
+@pytest.mark.parametrize("name", ["demo", "tiny", "photos", "psa", "irnet", "seam"])
 def test_every_preset_is_valid(name):
     validate(preset(name))
 
@@ -90,6 +90,9 @@ def test_published_presets_hold_the_papers_settings():
     assert (irnet["rw"]["beta"], irnet["affinity"]["stride"]) == (10.0, 4)
     # IRNet's constant background score 0.25 <=> (1 - m)^alpha = m at m = 0.25
     assert abs((1 - 0.25) ** irnet["rw"]["alpha"] - 0.25) < 1e-3
+    seam = preset("seam")
+    assert (seam["cam"]["training"], seam["cam"]["training_options"], seam["cam"]["crop_size"]) == ("seam", {"scale": 0.3, "weight": 1.0}, 448)
+    assert seam["rw"] == psa["rw"] and seam["crf"] == psa["crf"]
 
 
 def test_stage_paths_match_dvc_yaml():

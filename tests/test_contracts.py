@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pipeline.cam  # noqa: F401  (registers the built-in CAM methods)
+import pipeline.cam.objectives  # noqa: F401  (registers the built-in training objectives)
 import pipeline.datasets  # noqa: F401  (registers the built-in datasets)
 import pipeline.refine  # noqa: F401  (registers the built-in seed makers)
 from pipeline.cam import CamInference, GradientCamMethod, build_method
@@ -22,7 +23,7 @@ from pipeline.datasets import Dataset
 from pipeline.labels import IGNORE_INDEX
 from pipeline.models.classifier import build_classifier
 from pipeline.refine.seeds import SeedMaker, seed_maker
-from pipeline.registry import CAM_METHODS, DATASETS, REFINERS, OptionsError
+from pipeline.registry import CAM_METHODS, CAM_TRAINING, DATASETS, REFINERS, OptionsError
 
 torch.set_num_threads(1)
 PLUGIN_SRC = Path(__file__).resolve().parents[1] / "examples" / "wsss_cam_plugin" / "src"
@@ -112,6 +113,17 @@ def test_seed_maker_gives_h_w_uint8_of_background_labelled_classes_and_ignore(mo
 @pytest.mark.parametrize("mode", builtin_names(REFINERS))
 def test_registered_seed_maker_is_a_seed_maker(mode):
     assert issubclass(REFINERS.get(mode), SeedMaker)
+
+
+@pytest.mark.parametrize("name", builtin_names(CAM_TRAINING))
+def test_training_objective_gives_a_finite_scalar_that_trains_backbone_and_head(name):
+    torch.manual_seed(0)
+    model = build_classifier("tiny", "none", 3).train()
+    loss = CAM_TRAINING.get(name)(model)(torch.randn(2, 3, 48, 48), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    assert model.classifier.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
 
 
 # --- datasets -------------------------------------------------------------------------------------

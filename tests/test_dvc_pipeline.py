@@ -103,6 +103,8 @@ SWITCHES = [
     ("rw.background=cam_sweep", {"random_walk", "train_seg", "evaluate"},
      {"prepare", "train_cam", "make_cam", "crf", "train_aff"}),
     ("seg.freeze_bn=true", {"train_seg", "evaluate"}, {"prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk"}),
+    ("seg.weights=classifier", {"train_seg", "evaluate"},
+     {"prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk"}),
 ]
 
 

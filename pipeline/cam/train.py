@@ -1,6 +1,6 @@
 """Training the CAM classifier on image-level labels, and its classification mAP.
 
-Multilabel soft-margin loss; poly lr with the head at ``head_lr_mult``×; random rescale, crop and
+The objective of ``cam.training`` (:mod:`pipeline.cam.objectives`: multilabel soft-margin loss, or SEAM); poly lr with the head at ``head_lr_mult``×; random rescale, crop and
 flip; bf16 autocast + channels_last on CUDA. After every epoch a resume checkpoint is written
 (:class:`pipeline.training.ResumePoint`), so an interrupted run continues from its last finished
 epoch and ends with the same weights.
@@ -12,15 +12,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.augment import normalise, random_scale_crop_flip
+from pipeline.cam.objectives import build_objective
 from pipeline.models.classifier import CamClassifier, build_classifier
 from pipeline.store import fingerprint
 from pipeline.training import ResumePoint, images_to, param_groups, to_device, train_loop
 
 TRAIN_KEYS = ("backbone", "weights", "epochs", "batch_size", "lr", "weight_decay", "head_lr_mult", "crop_size",
-              "scale_min", "scale_max", "frozen_levels", "freeze_bn")
+              "scale_min", "scale_max", "frozen_levels", "freeze_bn", "training", "training_options")
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -88,10 +88,10 @@ def train_classifier(dataset: ClassificationSet, cam_params: dict, num_classes: 
     if len(loader) == 0:
         raise ValueError(f"param cam.batch_size: {p['batch_size']} leaves no batch for {len(dataset)} images")
 
+    objective = build_objective(p.get("training", "plain"), model, p.get("training_options"))
+
     def step(batch):
-        x = images_to(batch["image"], device)
-        y = batch["label"].to(device, non_blocking=True)
-        return F.multilabel_soft_margin_loss(model(x).float(), y)
+        return objective(images_to(batch["image"], device), batch["label"].to(device, non_blocking=True))
 
     history = train_loop(model, loader, step, opt, p["epochs"], device, "train_cam",
                          on_epoch_start=lambda epoch: setattr(sampler, "epoch", epoch), on_epoch_end=on_epoch_end,
