@@ -105,6 +105,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "enabled": P(bool, True),
         "mode": P(str, "affinitynet", choices=("affinitynet", "irnet"), free_text=True),
         "mode_options": P(dict, {}, help="keyword args of the seed maker's constructor (a plugin's settings; the built-ins take none)"),
+        "background_cue": P(str, "cam", choices=("cam", "saliency"),
+                            help="cam: the seed rule's own background; saliency: background where saliency is low (saliency.*)"),
         "merge": P(str, "published", choices=("published", "agree"),
                    help="how the fg- and bg-confident labellings combine: as each paper's code (published) or where they agree"),
         "iterations": _int(10, 1),
@@ -147,6 +149,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "background": P(str, "fixed", choices=("fixed", "cam_sweep"),
                         help="fixed: background (1 - max CAM)^alpha; cam_sweep: alpha that puts it at the CAM sweep's best threshold"),
         "alpha": _num(16.0, 0.0, help="background channel (1 - max CAM)^alpha"),
+        "background_cue": P(str, "cam", choices=("cam", "saliency"),
+                            help="cam: background channel (1 - max CAM)^alpha; saliency: 1 - saliency (saliency.*)"),
         "ignore_below": _num(0.0, 0.0, 1.0, help="mark pixels whose top score is below this as 255"),
         "final_crf": P(bool, False),
     },
@@ -172,6 +176,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "eval_scales": P(list, [1.0], item=float),
         "eval_flip": P(bool, False),
         "eval_crf": P(bool, False),
+    },
+    "saliency": {
+        "source": P(str, "spectral", choices=("spectral", "folder"),
+                    help="spectral: built-in spectral residual; folder: <saliency.folder>/<id>.png grey maps"),
+        "folder": P(str, "", free_text=True, help="folder of saliency PNGs (source folder)"),
+        "bg_threshold": _num(0.15, 0.0, 1.0, help="seeds: background where saliency is below this"),
+        "fg_threshold": _num(0.5, 0.0, 1.0, help="seeds: CAM background made unsure (255) where saliency is at least this"),
+        "on_missing": P(str, "fail", choices=("fail", "skip"), help="a missing or bad map: fail, or keep the CAM cue for that image"),
     },
     "export": {
         "formats": P(list, ["voc", "coco", "zarr"], item=str),
@@ -371,6 +383,14 @@ def validate(raw: dict, source: str = "params") -> dict[str, dict[str, Any]]:
             raise ParamsError(f"param {ns}.scale_min: must not exceed {ns}.scale_max")
     if out["cam"]["eval_thr_min"] > out["cam"]["eval_thr_max"]:
         raise ParamsError("param cam.eval_thr_min: must not exceed cam.eval_thr_max")
+    sal = out["saliency"]
+    if sal["bg_threshold"] > sal["fg_threshold"]:
+        raise ParamsError("param saliency.bg_threshold: must not exceed saliency.fg_threshold")
+    if "saliency" in (out["crf"]["background_cue"], out["rw"]["background_cue"]) and sal["source"] == "folder":
+        if not sal["folder"]:
+            raise ParamsError("param saliency.folder: set it to a folder of <id>.png saliency maps (saliency.source is folder)")
+        if not Path(sal["folder"]).is_dir():
+            raise ParamsError(f"param saliency.folder: folder {sal['folder']} does not exist")
     s = out["seg"]
     if s["weights"] == "classifier" and s["backbone"] != out["cam"]["backbone"]:
         raise ParamsError(f"param seg.weights: 'classifier' needs seg.backbone equal to cam.backbone "

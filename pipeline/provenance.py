@@ -93,6 +93,11 @@ def dataset_digest(data: dict, cache_file: str | Path | None = None) -> dict:
     root = Path(data["root"])
     if not root.is_dir():
         raise FileNotFoundError(f"param data.root: dataset folder {root} does not exist")
+    return {"dataset": data["dataset"], "root": str(root), **files_digest(root, cache_file)}
+
+
+def files_digest(root: Path, cache_file: str | Path | None = None) -> dict:
+    """``{"files", "bytes", "digest"}`` over every file under ``root`` (see :func:`dataset_digest`)."""
     cache: dict[str, list] = {}
     if cache_file is not None and Path(cache_file).is_file():
         try:
@@ -118,8 +123,7 @@ def dataset_digest(data: dict, cache_file: str | Path | None = None) -> dict:
         tmp = Path(str(cache_file) + ".tmp")
         tmp.write_text(json.dumps(fresh))
         tmp.replace(cache_file)
-    return {"dataset": data["dataset"], "root": str(root), "files": len(fresh), "bytes": total,
-            "digest": h.hexdigest()[:16]}
+    return {"files": len(fresh), "bytes": total, "digest": h.hexdigest()[:16]}
 
 
 def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:

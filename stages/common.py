@@ -9,6 +9,8 @@ from pipeline.progress import setup_logging
 
 DATASET_DIGEST = Path("data/dataset_digest.json")
 DIGEST_CACHE = Path("data/.dataset_digest_cache.json")  # (size, mtime) -> sha256 of each dataset file
+SALIENCY_DIGEST = Path("data/saliency_digest.json")
+SALIENCY_CACHE = Path("data/.saliency_digest_cache.json")
 PREPARED = Path("data/prepared")
 CAM_MODEL = Path("models/cam")
 CAMS = Path("data/cams.zarr")

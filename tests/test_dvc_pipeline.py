@@ -103,6 +103,10 @@ SWITCHES = [
     ("rw.background=cam_sweep", {"random_walk", "train_seg", "evaluate"},
      {"prepare", "train_cam", "make_cam", "crf", "train_aff"}),
     ("seg.freeze_bn=true", {"train_seg", "evaluate"}, {"prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk"}),
+    ("crf.background_cue=saliency", {"crf", "train_aff", "random_walk"}, {"prepare", "train_cam", "make_cam"}),
+    ("rw.background_cue=saliency", {"random_walk", "train_seg", "evaluate"},
+     {"prepare", "train_cam", "make_cam", "crf", "train_aff"}),
+    ("cam.training=seam", {"train_cam", "make_cam", "crf"}, {"prepare"}),
     ("seg.weights=classifier", {"train_seg", "evaluate"},
      {"prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk"}),
 ]

@@ -121,21 +121,30 @@ def affinity_grid_cams(cam_grid: np.ndarray, cam_stride: int, size: Sequence[int
 
 
 def pseudo_mask(image: np.ndarray, cam_grid: np.ndarray, cam_stride: int, classes: Sequence[int], rw: dict, crf: dict,
-                aff: np.ndarray | torch.Tensor | None = None, offsets: Offsets = (), aff_stride: int = 8) -> np.ndarray:
+                aff: np.ndarray | torch.Tensor | None = None, offsets: Offsets = (), aff_stride: int = 8,
+                background: np.ndarray | None = None) -> np.ndarray:
     """One image's pseudo mask (H, W) uint8.
 
-    cam_grid (K, gh, gw) for ``classes``; background channel (1 - max)^rw.alpha. With ``aff``
+    cam_grid (K, gh, gw) for ``classes``; background channel (1 - max)^rw.alpha, or ``background``
+    (H, W) at image resolution when given (the saliency cue). With ``aff``
     (P, ha, wa) on the affinity grid the scores are propagated first; with ``aff=None`` (rw
     disabled) the CAM scores are used as they are. Then upsample, argmax, 255 where the top
     score < rw.ignore_below, optional final dense CRF (crf params).
     """
     size = image.shape[:2]
     if aff is None:
-        scores = grid_to_image(with_background(cam_grid, rw["alpha"]), size, cam_stride)
+        if background is None:
+            scores = grid_to_image(with_background(cam_grid, rw["alpha"]), size, cam_stride)
+        else:
+            scores = np.concatenate([background[None].astype(np.float32), grid_to_image(cam_grid, size, cam_stride)])
     else:
         grid = tuple(aff.shape[-2:])
         cams = affinity_grid_cams(cam_grid, cam_stride, size, grid, aff_stride)
-        walked = random_walk(with_background(cams, rw["alpha"]), aff, offsets, rw["beta"], rw["logt"])
+        if background is None:
+            start = with_background(cams, rw["alpha"])
+        else:
+            start = np.concatenate([affinity_grid_cams(background[None], 1, size, grid, aff_stride), cams])
+        walked = random_walk(start, aff, offsets, rw["beta"], rw["logt"])
         scores = grid_to_image(walked, size, aff_stride)
     if rw["final_crf"]:
         from pipeline.refine.crf import CrfSettings, crf_argmax
@@ -205,6 +214,7 @@ class WalkTask:
     crf: dict
     device: str = "cpu"
     torch_threads: int = 0
+    saliency: dict | None = None  # the saliency params when rw.background_cue is saliency
 
 
 def make_pseudo_mask(task: WalkTask) -> np.ndarray:
@@ -217,13 +227,19 @@ def make_pseudo_mask(task: WalkTask) -> np.ndarray:
     classes = present_classes(prepared.labels(task.image_id))
     cam_grid, cam_stride = read_cams(task.cams_path, task.image_id, classes)
     image = prepared.image(task.image_id)
+    background = None
+    if task.saliency is not None:
+        from pipeline.saliency import background_score, saliency_map
+
+        sal = saliency_map(task.image_id, image, task.saliency)
+        background = None if sal is None else background_score(sal)
     if not task.rw["enabled"]:
-        return pseudo_mask(image, cam_grid, cam_stride, classes, task.rw, task.crf)
+        return pseudo_mask(image, cam_grid, cam_stride, classes, task.rw, task.crf, background=background)
     model = _affinity_model(task.model_path, Path(task.model_path).stat().st_mtime_ns, task.device)
     offsets = pair_offsets(model.radius)
     aff = image_affinities(model, image, offsets)
     return pseudo_mask(image, cam_grid, cam_stride, classes, task.rw, task.crf, aff=aff, offsets=offsets,
-                       aff_stride=model.stride)
+                       aff_stride=model.stride, background=background)
 
 
 def background_alpha(threshold: float) -> float:
@@ -247,12 +263,13 @@ def resolve_background(rw: dict, cam_threshold: float | None) -> dict:
 
 def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Path, model_path: str | Path | None,
                       out_path: str | Path, rw: dict, crf: dict, compute: dict,
-                      cam_threshold: float | None = None) -> dict:
+                      cam_threshold: float | None = None, saliency: dict | None = None) -> dict:
     """Pseudo masks for every image of the CAM store -> ``out_path`` (array "mask").
 
     Per-image work (AffinityNet forward + walk) runs through the dask helper; each worker process
     loads the model once (device and threads: :func:`pipeline.compute.per_image_torch`). ``cam_threshold``: the CAM sweep's best threshold, for ``rw.background:
-    cam_sweep``. Returns the metrics dict (ConfusionMatrix summary + run facts).
+    cam_sweep``; ``saliency``: the saliency params, used when ``rw.background_cue`` is ``saliency``.
+    Returns the metrics dict (ConfusionMatrix summary + run facts).
     """
     from pipeline.compute import per_image_torch
     from pipeline.provenance import file_digest, prepared_digest
@@ -273,16 +290,24 @@ def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Pat
         model_meta = {"affinity_stride": ck["stride"], "radius": ck["radius"], "backbone": ck["backbone"]}
     inputs = {"cams": cams.attrs.get("fingerprint"), "prepared": prepared_digest(prepared_dir),
               "affinity_model": file_digest(model_path) if rw["enabled"] else None}
+    sal = saliency if rw.get("background_cue", "cam") == "saliency" else None
+    if rw.get("background_cue", "cam") == "saliency" and sal is None:
+        raise ValueError("param rw.background_cue: saliency needs the saliency params")
+    if sal is not None:
+        from pipeline.saliency import saliency_digest
+
+        inputs["saliency"] = saliency_digest(sal)["digest"]
     device, threads = per_image_torch(compute)
     tasks = [WalkTask(i, str(prepared_dir), data, str(cams_path), str(model_path) if model_path else None, rw, crf,
-                      device, threads) for i in ids]
+                      device, threads, sal) for i in ids]
     attrs = {"kind": "pseudo_masks", "class_names": prepared.class_names, "stride": 1, "split": split,
-             "params": {"rw": rw, "crf": crf if rw["final_crf"] else None}, **model_meta,
+             "params": {"rw": rw, "crf": crf if rw["final_crf"] else None, "saliency": sal}, **model_meta,
              "method": "random_walk" if rw["enabled"] else "cam",
              "cams_fingerprint": cams.attrs.get("fingerprint"), "inputs": inputs}
     metrics = write_scored_label_store(prepared, ids, out_path, "mask", attrs, make_pseudo_mask, tasks, compute,
                                        "random walk")
     metrics.update({"enabled": bool(rw["enabled"]), "beta": rw["beta"], "logt": rw["logt"], "alpha": rw["alpha"],
+                    "background_cue": rw.get("background_cue", "cam"),
                     **model_meta, "images": len(ids), "split": split})
     return metrics
 
@@ -300,7 +325,7 @@ def make_pseudo_masks(prepared_dir: str | Path, params: dict, cams_path: str | P
 
     rw = params["rw"]
     metrics = make_pseudo_store(prepared_dir, params["data"], cams_path, model_path, out_path, rw, params["crf"],
-                                params["compute"], cam_threshold=cam_threshold)
+                                params["compute"], cam_threshold=cam_threshold, saliency=params["saliency"])
     prepared, pseudo = open_prepared(prepared_dir, params["data"]), open_store(out_path)
     if rw["enabled"]:
         metrics["affinity_separation"] = affinity_separation(model_path, prepared, pseudo.ids[:SEPARATION_IMAGES])

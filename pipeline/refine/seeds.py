@@ -151,6 +151,7 @@ class SeedTask:
     data: dict
     cams_path: str
     crf: dict
+    saliency: dict | None = None  # the saliency params when crf.background_cue is saliency
 
 
 _MAKERS: dict[str, SeedMaker] = {}
@@ -178,14 +179,22 @@ def make_seed(task: SeedTask) -> np.ndarray:
     if seed.shape != image.shape[:2]:
         raise ValueError(f"seed maker {task.crf['mode']!r} returned shape {seed.shape} for image {task.image_id!r} "
                          f"of size {image.shape[:2]}")
+    if task.saliency is not None:
+        from pipeline.saliency import saliency_map, seeds_with_saliency
+
+        sal = saliency_map(task.image_id, image, task.saliency)
+        if sal is not None:
+            seed = seeds_with_saliency(seed, sal, task.saliency)
     return np.ascontiguousarray(seed, dtype=np.uint8)
 
 
 def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path, out_path: str | Path, crf: dict,
-                    compute: dict, split: str | None = None, cam_threshold: float | None = None) -> dict:
+                    compute: dict, split: str | None = None, cam_threshold: float | None = None,
+                    saliency: dict | None = None) -> dict:
     """Seeds for every image of the CAM store's split -> ``out_path`` (array "seed").
 
-    ``cam_threshold``: the CAM sweep's best threshold, for ``crf.thresholds: cam_sweep``.
+    ``cam_threshold``: the CAM sweep's best threshold, for ``crf.thresholds: cam_sweep``;
+    ``saliency``: the saliency params, used when ``crf.background_cue`` is ``saliency``.
 
     Per-image work runs through ``pipeline.compute.dask_client(compute.scheduler, compute.workers)``;
     shards are written as they finish (an interrupted run resumes). Returns the metrics dict:
@@ -200,13 +209,21 @@ def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path,
     crf = resolve_thresholds(crf, cam_threshold)
     if crf["enabled"]:
         seed_maker(crf)  # fail early on a bad crf.mode
-    tasks = [SeedTask(i, str(prepared_dir), data, str(cams_path), crf) for i in ids]
+    sal = saliency if crf.get("background_cue", "cam") == "saliency" else None
+    if crf.get("background_cue", "cam") == "saliency" and sal is None:
+        raise ValueError("param crf.background_cue: saliency needs the saliency params")
+    tasks = [SeedTask(i, str(prepared_dir), data, str(cams_path), crf, sal) for i in ids]
+    inputs = {"cams": cams.attrs.get("fingerprint"), "prepared": prepared_digest(prepared_dir)}
+    if sal is not None:
+        from pipeline.saliency import saliency_digest
+
+        inputs["saliency"] = saliency_digest(sal)["digest"]
     attrs = {"kind": "seeds", "class_names": prepared.class_names, "stride": 1, "split": split,
-             "params": crf, "method": crf["mode"] if crf["enabled"] else "threshold",
-             "cams_fingerprint": cams.attrs.get("fingerprint"),
-             "inputs": {"cams": cams.attrs.get("fingerprint"), "prepared": prepared_digest(prepared_dir)}}
+             "params": {**crf, **({"saliency": sal} if sal else {})}, "method": crf["mode"] if crf["enabled"] else "threshold",
+             "cams_fingerprint": cams.attrs.get("fingerprint"), "inputs": inputs}
     metrics = write_scored_label_store(prepared, ids, out_path, "seed", attrs, make_seed, tasks, compute, "crf seeds")
     metrics.update({"enabled": bool(crf["enabled"]), "mode": crf["mode"] if crf["enabled"] else "threshold",
+                    "background_cue": crf.get("background_cue", "cam"),
                     "fg_threshold": crf["fg_threshold"], "bg_threshold": crf["bg_threshold"],
                     "precision": metrics["pixel_accuracy"], "images": len(ids), "split": split})
     return metrics
@@ -220,7 +237,7 @@ def make_seeds(prepared_dir: str | Path, params: dict, cams_path: str | Path, ou
 
     crf = params["crf"]
     metrics = make_seed_store(prepared_dir, params["data"], cams_path, out_path, crf, params["compute"],
-                              cam_threshold=cam_threshold)
+                              cam_threshold=cam_threshold, saliency=params["saliency"])
     seeds = open_store(out_path)
     ids = seeds.ids[: params["data"]["gallery_ids"]]
     picture = (refine_gallery(open_prepared(prepared_dir, params["data"]), ids, open_store(cams_path),
