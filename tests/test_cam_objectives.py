@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cam.objectives import PlainObjective, SeamObjective, build_objective, equivariance_loss, max_normalised
+from pipeline.cam.objectives import (PlainObjective, SeamObjective, SubCategoryObjective, build_objective,
+                                     equivariance_loss, kmeans, max_normalised)
 from pipeline.cam.train import ClassificationSet, train_classifier
 from pipeline.config import ParamsError, preset, validate
 from pipeline.datasets import PreparedData
@@ -86,3 +87,56 @@ def test_seam_training_changes_the_learned_cams(tiny_set):
     with torch.no_grad():
         a, b = plain.cam(plain.features(x)), seam.cam(seam.features(x))
     assert (a - b).abs().max().item() > 1e-4
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_kmeans_finds_separated_clusters():
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(0, 0.1, (10, 3)), rng.normal(5, 0.1, (7, 3))])
+    ids = kmeans(points, 2, seed=1)
+    assert len(set(ids[:10])) == 1 and len(set(ids[10:])) == 1 and ids[0] != ids[10]
+    assert kmeans(points[:1], 5, seed=0).tolist() == [0]  # fewer points than clusters
+
+
+def test_sccam_clusters_each_class_into_one_sub_category_per_image(tiny_set):
+    ds, params, k = tiny_set
+    model = build_classifier("tiny", "none", k)
+    objective = SubCategoryObjective(model, k=2, weight=5.0, rounds=2)
+    state = objective.setup(ds)
+    x, y, index = ds[(0, 0)]["image"][None], torch.from_numpy(ds.labels[0])[None], torch.tensor([0])
+    assert objective.round_of(0, 4) == 0 and objective.round_of(2, 4) == 1
+    objective.start_epoch(0, 4, torch.device("cpu"))
+    assert int(state.round) == 0 and state.targets.sum() == 0
+    plain_loss = objective(x, y, index).item()  # round 0: image labels only
+    assert plain_loss == pytest.approx(PlainObjective(model)(x, y).item(), rel=1e-6)
+    objective.start_epoch(2, 4, torch.device("cpu"))
+    assert int(state.round) == 1
+    targets = state.targets.numpy().reshape(len(ds), k, 2)
+    labels = np.stack(ds.labels) > 0
+    np.testing.assert_array_equal(targets.sum(2), labels.astype(np.float32))  # one cluster per (image, class)
+    assert objective(x, y, index).item() > plain_loss
+
+
+def test_sccam_training_changes_the_cams_and_resumes_to_the_same_weights(tiny_set, tmp_path):
+    ds, params, k = tiny_set
+    cam = dict(params["cam"], epochs=4, batch_size=4, crop_size=32)
+    sccam = dict(cam, training="sccam", training_options={"k": 2, "rounds": 2})
+    plain, _ = train_classifier(ds, cam, k, torch.device("cpu"), 3)
+    straight, _ = train_classifier(ds, sccam, k, torch.device("cpu"), 3)
+    assert set(straight.state_dict()) == set(plain.state_dict())  # the sub-category head is not kept
+    assert any(not torch.equal(plain.state_dict()[n], v) for n, v in straight.state_dict().items())
+
+    def crash(epoch, loss):
+        if epoch == 2:  # after the first epoch with sub-categories (epochs 2 and 3 are round 1)
+            raise Interrupted
+
+    resume = tmp_path / "resume.pt"
+    with pytest.raises(Interrupted):
+        train_classifier(ds, sccam, k, torch.device("cpu"), 3, resume_path=resume, on_epoch_end=crash)
+    resumed, hist = train_classifier(ds, sccam, k, torch.device("cpu"), 3, resume_path=resume)
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    for name, v in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], v, msg=name)

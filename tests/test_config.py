@@ -77,7 +77,7 @@ def test_committed_params_yaml_is_the_demo_preset_rendered():
     assert committed == render_params(preset("demo"))
 
 
-@pytest.mark.parametrize("name", ["demo", "tiny", "photos", "psa", "irnet", "seam"])
+@pytest.mark.parametrize("name", ["demo", "tiny", "photos", "psa", "irnet", "seam", "sccam"])
 def test_every_preset_is_valid(name):
     validate(preset(name))
 
@@ -93,6 +93,7 @@ def test_published_presets_hold_the_papers_settings():
     seam = preset("seam")
     assert (seam["cam"]["training"], seam["cam"]["training_options"], seam["cam"]["crop_size"]) == ("seam", {"scale": 0.3, "weight": 1.0}, 448)
     assert seam["rw"] == psa["rw"] and seam["crf"] == psa["crf"]
+    assert preset("sccam")["cam"]["training_options"] == {"k": 10, "weight": 5.0, "rounds": 3}
 
 
 def test_stage_paths_match_dvc_yaml():

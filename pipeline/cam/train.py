@@ -57,7 +57,7 @@ class ClassificationSet(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, epoch, i])
         image, _, _ = random_scale_crop_flip(rng, self.load_image(self.ids[i]), [], self.crop, self.scale_min,
                                              self.scale_max)
-        return {"image": normalise(image), "label": torch.from_numpy(self.labels[i])}
+        return {"image": normalise(image), "label": torch.from_numpy(self.labels[i]), "index": i}
 
 
 def train_classifier(dataset: ClassificationSet, cam_params: dict, num_classes: int, device: torch.device, seed: int,
@@ -74,8 +74,13 @@ def train_classifier(dataset: ClassificationSet, cam_params: dict, num_classes: 
     p = cam_params
     torch.manual_seed(seed)
     model = build_classifier(p["backbone"], p["weights"], num_classes, p["frozen_levels"], p["freeze_bn"])
+    objective = build_objective(p.get("training", "plain"), model, p.get("training_options"))
+    extra = objective.setup(dataset) if hasattr(objective, "setup") else None
+    if extra is not None:  # a submodule while training, so resume checkpoints hold it; dropped at the end
+        model.objective_state = extra
     model = to_device(model, device)
-    opt = torch.optim.SGD(param_groups(model.backbone, model.classifier, p["lr"], p["weight_decay"], p["head_lr_mult"]),
+    head = list(model.classifier.parameters()) + (list(extra.parameters()) if extra is not None else [])
+    opt = torch.optim.SGD(param_groups(model.backbone, head, p["lr"], p["weight_decay"], p["head_lr_mult"]),
                           lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"])
     resume = None
     if resume_path:
@@ -88,14 +93,19 @@ def train_classifier(dataset: ClassificationSet, cam_params: dict, num_classes: 
     if len(loader) == 0:
         raise ValueError(f"param cam.batch_size: {p['batch_size']} leaves no batch for {len(dataset)} images")
 
-    objective = build_objective(p.get("training", "plain"), model, p.get("training_options"))
-
     def step(batch):
-        return objective(images_to(batch["image"], device), batch["label"].to(device, non_blocking=True))
+        return objective(images_to(batch["image"], device), batch["label"].to(device, non_blocking=True),
+                         batch["index"])
 
-    history = train_loop(model, loader, step, opt, p["epochs"], device, "train_cam",
-                         on_epoch_start=lambda epoch: setattr(sampler, "epoch", epoch), on_epoch_end=on_epoch_end,
-                         resume=resume)
+    def epoch_start(epoch):
+        sampler.epoch = epoch
+        if hasattr(objective, "start_epoch"):
+            objective.start_epoch(epoch, p["epochs"], device)
+
+    history = train_loop(model, loader, step, opt, p["epochs"], device, "train_cam", on_epoch_start=epoch_start,
+                         on_epoch_end=on_epoch_end, resume=resume)
+    if extra is not None:
+        del model.objective_state
     model.eval()
     return model, history
 
