@@ -8,9 +8,11 @@ Prints two markdown tables, each variant against the published fixed settings:
 
 1. Seeds: precision (pixel accuracy over labelled pixels) and coverage, overall and split into
    objects and background, for PSA's alphas 4 / 32, IRNet's thresholds 0.30 / 0.05, the no-CRF
-   thresholds and the params' own settings (with ``crf.thresholds: cam_sweep`` resolved).
+   thresholds and the params' own settings (with ``crf.thresholds: cam_sweep`` resolved), and
+   the params' settings with saliency as the background cue (``saliency.*`` of params.yaml).
 2. Walk: mIoU and what happens to the background, without the walk, with PSA's fixed background
-   alpha 16, with the params' background, and with the final dense CRF on top.
+   alpha 16, with the params' background, with the final dense CRF on top, and with saliency as
+   the background (1 - saliency).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from pipeline.labels import present_classes  # noqa: E402
 from pipeline.refine.runner import open_prepared, read_cams  # noqa: E402
 from pipeline.refine.random_walk import image_affinities, pseudo_mask, resolve_background  # noqa: E402
 from pipeline.refine.seeds import resolve_thresholds, seeds_for_image  # noqa: E402
+from pipeline.saliency import background_score, saliency_map, seeds_with_saliency  # noqa: E402
 
 CAMS, PREPARED, MODEL = "data/cams.zarr", "data/prepared", "models/affinity/affinity.pt"
 
@@ -41,6 +44,7 @@ def seed_variants(crf: dict, t: float | None) -> dict[str, dict]:
         "IRNet: irnet, 0.30 / 0.05": dict(fixed, mode="irnet", fg_threshold=0.30, bg_threshold=0.05),
         "no CRF, params' thresholds": dict(resolve_thresholds(crf, t), enabled=False),
         "params": resolve_thresholds(crf, t),
+        "params, saliency background": dict(resolve_thresholds(crf, t), background_cue="saliency"),
     }
 
 
@@ -51,6 +55,7 @@ def walk_variants(rw: dict, t: float | None) -> dict[str, dict]:
         "walk, PSA background alpha 16": dict(rw, enabled=True, background="fixed", alpha=16.0),
         "walk, params' background": dict(own, enabled=True),
         "walk + final dense CRF": dict(own, enabled=True, final_crf=True),
+        "walk, saliency background": dict(own, enabled=True, background_cue="saliency"),
     }
 
 
@@ -68,12 +73,19 @@ def _work(job):
         classes = present_classes(prepared.labels(image_id))
         grid, stride = read_cams(CAMS, image_id, classes)
         image = prepared.image(image_id)
-        row = {"id": image_id, "seeds": [seeds_for_image(image, grid, stride, classes, c) for c in seeds.values()]}
+        sal = saliency_map(image_id, image, params["saliency"])
+        row = {"id": image_id, "seeds": []}
+        for c in seeds.values():
+            s = seeds_for_image(image, grid, stride, classes, c)
+            row["seeds"].append(seeds_with_saliency(s, sal, params["saliency"]) if c.get("background_cue") == "saliency"
+                                and sal is not None else s)
         if model is not None:
             offsets = pair_offsets(model.radius)
             aff = image_affinities(model, image, offsets)
             row["walks"] = [pseudo_mask(image, grid, stride, classes, r, params["crf"], aff=None if not r["enabled"] else aff,
-                                        offsets=offsets, aff_stride=model.stride) for r in walks.values()]
+                                        offsets=offsets, aff_stride=model.stride,
+                                        background=background_score(sal) if r.get("background_cue") == "saliency"
+                                        and sal is not None else None) for r in walks.values()]
         out.append(row)
     return out
 
@@ -123,7 +135,7 @@ def main() -> None:
     own = walks["walk, params' background"]
     used = {k: seeds["params"][k] for k in ("mode", "merge", "fg_threshold", "bg_threshold")}
     print(f"\nparams' seeds: {json.dumps(used)}; params' walk: beta {own['beta']}, logt {own['logt']}, "
-          f"background alpha {own['alpha']:.3f}")
+          f"background alpha {own['alpha']:.3f}; saliency: {json.dumps(params['saliency'])}")
 
 
 if __name__ == "__main__":
