@@ -37,6 +37,18 @@ class SaliencyError(ValueError):
     """A saliency map that is missing, unreadable or not a grey image (the message names the file)."""
 
 
+def saliency_for(cue: str, saliency: dict | None, param: str) -> dict | None:
+    """The saliency params a stage passes to its workers: ``saliency`` when its background cue
+    (``param``, e.g. ``crf.background_cue``) is ``saliency``, else None."""
+    if cue == "cam":
+        return None
+    if cue != "saliency":
+        raise ValueError(f"param {param}: {cue!r} is not 'cam' or 'saliency'")
+    if saliency is None:
+        raise ValueError(f"param {param}: saliency needs the saliency params")
+    return saliency
+
+
 def uses_saliency(params: dict) -> bool:
     """Whether any stage takes its background cue from saliency."""
     return params["crf"]["background_cue"] == "saliency" or params["rw"]["background_cue"] == "saliency"

@@ -22,6 +22,7 @@ import torch
 from pipeline.labels import (IGNORE_INDEX, grid_to_image, present_classes, resize_maps, to_class_labels,
                              with_background)
 from pipeline.models.affinity import in_bounds, shifted
+from pipeline.saliency import background_score, saliency_digest, saliency_for, saliency_map
 from pipeline.refine.runner import (open_prepared, open_store, read_cams, required_cam_threshold,
                                     write_scored_label_store)
 
@@ -229,8 +230,6 @@ def make_pseudo_mask(task: WalkTask) -> np.ndarray:
     image = prepared.image(task.image_id)
     background = None
     if task.saliency is not None:
-        from pipeline.saliency import background_score, saliency_map
-
         sal = saliency_map(task.image_id, image, task.saliency)
         background = None if sal is None else background_score(sal)
     if not task.rw["enabled"]:
@@ -290,12 +289,8 @@ def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Pat
         model_meta = {"affinity_stride": ck["stride"], "radius": ck["radius"], "backbone": ck["backbone"]}
     inputs = {"cams": cams.attrs.get("fingerprint"), "prepared": prepared_digest(prepared_dir),
               "affinity_model": file_digest(model_path) if rw["enabled"] else None}
-    sal = saliency if rw.get("background_cue", "cam") == "saliency" else None
-    if rw.get("background_cue", "cam") == "saliency" and sal is None:
-        raise ValueError("param rw.background_cue: saliency needs the saliency params")
+    sal = saliency_for(rw.get("background_cue", "cam"), saliency, "rw.background_cue")
     if sal is not None:
-        from pipeline.saliency import saliency_digest
-
         inputs["saliency"] = saliency_digest(sal)["digest"]
     device, threads = per_image_torch(compute)
     tasks = [WalkTask(i, str(prepared_dir), data, str(cams_path), str(model_path) if model_path else None, rw, crf,

@@ -39,6 +39,7 @@ from pipeline.refine.runner import (open_prepared, open_store, read_cams, requir
                                     write_scored_label_store)
 from pipeline.refine.crf import CrfSettings, crf_argmax, label_crf
 from pipeline.registry import REFINERS, check_options
+from pipeline.saliency import saliency_digest, saliency_for, saliency_map, seeds_with_saliency
 
 
 MERGE_RULES = ("published", "agree")
@@ -180,8 +181,6 @@ def make_seed(task: SeedTask) -> np.ndarray:
         raise ValueError(f"seed maker {task.crf['mode']!r} returned shape {seed.shape} for image {task.image_id!r} "
                          f"of size {image.shape[:2]}")
     if task.saliency is not None:
-        from pipeline.saliency import saliency_map, seeds_with_saliency
-
         sal = saliency_map(task.image_id, image, task.saliency)
         if sal is not None:
             seed = seeds_with_saliency(seed, sal, task.saliency)
@@ -209,14 +208,10 @@ def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path,
     crf = resolve_thresholds(crf, cam_threshold)
     if crf["enabled"]:
         seed_maker(crf)  # fail early on a bad crf.mode
-    sal = saliency if crf.get("background_cue", "cam") == "saliency" else None
-    if crf.get("background_cue", "cam") == "saliency" and sal is None:
-        raise ValueError("param crf.background_cue: saliency needs the saliency params")
+    sal = saliency_for(crf.get("background_cue", "cam"), saliency, "crf.background_cue")
     tasks = [SeedTask(i, str(prepared_dir), data, str(cams_path), crf, sal) for i in ids]
     inputs = {"cams": cams.attrs.get("fingerprint"), "prepared": prepared_digest(prepared_dir)}
     if sal is not None:
-        from pipeline.saliency import saliency_digest
-
         inputs["saliency"] = saliency_digest(sal)["digest"]
     attrs = {"kind": "seeds", "class_names": prepared.class_names, "stride": 1, "split": split,
              "params": {**crf, **({"saliency": sal} if sal else {})}, "method": crf["mode"] if crf["enabled"] else "threshold",
