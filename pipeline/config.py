@@ -151,6 +151,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "alpha": _num(16.0, 0.0, help="background channel (1 - max CAM)^alpha"),
         "background_cue": P(str, "cam", choices=("cam", "saliency"),
                             help="cam: background channel (1 - max CAM)^alpha; saliency: 1 - saliency (saliency.*)"),
+        "affinity": P(str, "affinitynet", choices=("affinitynet", "irn"),
+                      help="affinitynet: embedding distances (PSA); irn: 1 - max class boundary on the path (IRNet); trained by train_aff"),
         "ignore_below": _num(0.0, 0.0, 1.0, help="mark pixels whose top score is below this as 255"),
         "final_crf": P(bool, False),
     },
@@ -234,7 +236,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                 "bg_threshold": 0.05, "gt_prob": 0.7, "iterations": 10, "gaussian_sxy": 3.0, "gaussian_compat": 3.0,
                 "bilateral_sxy": 50.0, "bilateral_srgb": 5.0, "bilateral_compat": 10.0},
         "affinity": {"radius": 5, "stride": 4, "crop_size": 512, "scale_min": 0.5, "scale_max": 1.5},
-        "rw": {"beta": 10.0, "logt": 8, "background": "fixed", "alpha": 4.82},
+        "rw": {"beta": 10.0, "logt": 8, "background": "fixed", "alpha": 4.82, "affinity": "irn"},
         "seg": {"backbone": "resnet50", "weights": "imagenet", "crop_size": 321},
     },
     # Small and fast everything, for tests and smoke runs (``wsss params --preset tiny``).

@@ -107,6 +107,7 @@ SWITCHES = [
     ("rw.background_cue=saliency", {"random_walk", "train_seg", "evaluate"},
      {"prepare", "train_cam", "make_cam", "crf", "train_aff"}),
     ("cam.training=seam", {"train_cam", "make_cam", "crf"}, {"prepare"}),
+    ("rw.affinity=irn", {"train_aff", "random_walk"}, {"prepare", "train_cam", "make_cam", "crf"}),
     ("seg.weights=classifier", {"train_seg", "evaluate"},
      {"prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk"}),
 ]

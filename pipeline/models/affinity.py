@@ -1,5 +1,7 @@
 """AffinityNet: a backbone's multi-level features -> a per-pixel embedding whose L1 distances give
-pixel-pair affinities on a fixed stride grid (Ahn & Kwak, CVPR 2018).
+pixel-pair affinities on a fixed stride grid (Ahn & Kwak, CVPR 2018). ``rw.affinity: irn`` builds
+:class:`BoundaryAffinityNet` instead: IRNet's inter-pixel relations (Ahn, Cho & Kwak, CVPR 2019),
+a class-boundary map B with affinity(i, j) = 1 - max B on the segment from i to j.
 
 Pairs are the half-plane ``pair_offsets(radius)`` (each unordered pair once): offset ``(dy, dx)``
 pairs grid cell ``(y, x)`` with ``(y + dy, x + dx)``. Affinity maps are ``(B, P, h, w)`` with
@@ -114,8 +116,54 @@ class AffinityNet(nn.Module):
         dist = torch.stack([(emb - padded[..., r + dy:r + dy + h, r + dx:r + dx + w]).abs().mean(1) for dy, dx in offsets], 1)
         return torch.exp(-dist) * in_bounds(h, w, offsets, emb.device).unsqueeze(0)
 
+    kind = "affinitynet"
+
     def forward(self, x: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
         return self.affinities(self.embedding(x), offsets)
+
+
+def segment_points(dy: int, dx: int) -> list[tuple[int, int]]:
+    """Grid cells on the straight segment from (0, 0) to (dy, dx), both ends included."""
+    n = max(abs(dy), abs(dx))
+    return sorted({(round(t * dy / n), round(t * dx / n)) for t in range(n + 1)}) if n else [(0, 0)]
+
+
+class BoundaryAffinityNet(AffinityNet):
+    """IRNet's class-boundary branch on AffinityNet's multi-level heads: the mixed features -> one
+    boundary probability per grid cell (``boundary(x)``: (B, 1, h, w)); the affinity of a pair is
+    1 - the largest boundary probability on the segment between them (IRNet's path rule), so it is
+    trained with the same pair labels and loss as AffinityNet (-log a on positives, -log(1 - a) on
+    negatives), and the walk uses it the same way."""
+
+    kind = "irn"
+
+    def __init__(self, backbone: Backbone, stride: int = 4, dims: Sequence[int] | None = None, freeze_bn: bool = True):
+        super().__init__(backbone, stride, dims, freeze_bn)
+        self.edge = nn.Conv2d(sum(self.dims), 1, 1)
+
+    def head_parameters(self):
+        return super().head_parameters() + list(self.edge.parameters())
+
+    def boundary(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.edge(F.relu(self.embedding(x))))
+
+    @staticmethod
+    def path_affinities(boundary: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """(B, 1, h, w) boundary -> (B, P, h, w) = 1 - max of the boundary over each pair's segment."""
+        h, w = boundary.shape[-2:]
+        r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+        padded = F.pad(boundary, (r, r, r, r))
+        out = []
+        for dy, dx in offsets:
+            views = [padded[..., r + py:r + py + h, r + px:r + px + w] for py, px in segment_points(dy, dx)]
+            out.append(1.0 - torch.stack(views, 0).amax(0))
+        return torch.cat(out, 1) * in_bounds(h, w, offsets, boundary.device).unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
+        return self.path_affinities(self.boundary(x), offsets)
+
+
+AFFINITY_MODELS = {"affinitynet": AffinityNet, "irn": BoundaryAffinityNet}
 
 
 def seed_to_grid(seed: np.ndarray, stride: int) -> np.ndarray:
@@ -158,11 +206,14 @@ def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor,
 
 
 def build_affinity_net(backbone_name: str, init: str, stride: int, classifier_checkpoint: str | Path | None = None,
-                       embed_dim: int = 128, frozen_levels: int = 0) -> tuple[AffinityNet, str]:
+                       embed_dim: int = 128, frozen_levels: int = 0, kind: str = "affinitynet") -> tuple[AffinityNet, str]:
     """``init``: ``classifier`` (the trained CAM classifier's backbone), ``imagenet``, ``none`` or a
     path to backbone weights. ``embed_dim``: channels of the deepest embedding level (see
-    :func:`default_dims`); ``frozen_levels``: backbone levels left untrained. Returns (model,
-    backbone name); with ``classifier`` the name is the classifier's own."""
+    :func:`default_dims`); ``frozen_levels``: backbone levels left untrained; ``kind``
+    (``rw.affinity``): ``affinitynet`` or ``irn``. Returns (model, backbone name); with
+    ``classifier`` the name is the classifier's own."""
+    if kind not in AFFINITY_MODELS:
+        raise ValueError(f"param rw.affinity: {kind!r} is not one of {sorted(AFFINITY_MODELS)}")
     if init == "classifier":
         if classifier_checkpoint is None or not Path(classifier_checkpoint).is_file():
             raise FileNotFoundError(f"param affinity.init=classifier: classifier checkpoint not found: {classifier_checkpoint}; "
@@ -177,7 +228,7 @@ def build_affinity_net(backbone_name: str, init: str, stride: int, classifier_ch
     backbone.requires_grad_(True)  # the classifier may have frozen some levels: this model decides its own
     backbone.freeze_levels(frozen_levels, "affinity.frozen_levels")
     dims = default_dims(len(backbone.channels), embed_dim)
-    return AffinityNet(backbone, stride=stride, dims=dims, freeze_bn=init != "none"), backbone_name
+    return AFFINITY_MODELS[kind](backbone, stride=stride, dims=dims, freeze_bn=init != "none"), backbone_name
 
 
 AFFINITY_KEYS = ("state_dict", "backbone", "stride", "dims", "radius")
@@ -185,12 +236,12 @@ AFFINITY_KEYS = ("state_dict", "backbone", "stride", "dims", "radius")
 
 def affinity_checkpoint(model: AffinityNet, backbone_name: str, radius: int, extra: dict | None = None) -> dict:
     return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "backbone": backbone_name,
-            "stride": model.stride, "dims": list(model.dims), "radius": int(radius), **(extra or {})}
+            "stride": model.stride, "dims": list(model.dims), "radius": int(radius), "kind": model.kind, **(extra or {})}
 
 
 def save_affinity_net(path: str | Path, model: AffinityNet, backbone_name: str, radius: int,
                       extra: dict | None = None) -> Path:
-    """Checkpoint {"state_dict", "backbone", "stride", "dims", "radius", **extra} (atomic)."""
+    """Checkpoint {"state_dict", "backbone", "stride", "dims", "radius", "kind", **extra} (atomic)."""
     from pipeline.checkpoint import save_checkpoint
 
     return save_checkpoint(path, affinity_checkpoint(model, backbone_name, radius, extra))
@@ -210,7 +261,10 @@ def read_affinity_checkpoint(path: str | Path) -> dict:
 def load_affinity_net(path: str | Path, device: torch.device | str = "cpu") -> AffinityNet:
     """Rebuild an AffinityNet saved by the train_aff stage (eval mode, on ``device``)."""
     ck = read_affinity_checkpoint(path)
-    model = AffinityNet(build_backbone(ck["backbone"], "none"), stride=ck["stride"], dims=ck["dims"])
+    kind = ck.get("kind", "affinitynet")  # checkpoints from before rw.affinity are AffinityNets
+    if kind not in AFFINITY_MODELS:
+        raise ValueError(f"{path}: unknown affinity model kind {kind!r}; re-run the train_aff stage")
+    model = AFFINITY_MODELS[kind](build_backbone(ck["backbone"], "none"), stride=ck["stride"], dims=ck["dims"])
     model.load_state_dict(ck["state_dict"])
     model.radius = int(ck["radius"])
     return model.to(device).eval()

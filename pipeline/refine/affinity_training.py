@@ -96,7 +96,8 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
 def train_and_save(prepared_dir: str | Path, params: dict, seeds_path: str | Path, classifier_path: str | Path,
                    checkpoint: str | Path, resume_path: str | Path, device: torch.device) -> dict:
     """What the train_aff stage does: build the AffinityNet (``affinity.init``, e.g. from the CAM
-    classifier), train it on the seeds, save ``checkpoint``, clear the resume file.
+    classifier; ``rw.affinity: irn`` for IRNet's boundary-based one), train it on the seeds, save
+    ``checkpoint``, clear the resume file.
     Returns {"history", "metrics"}."""
     from pipeline.models.affinity import build_affinity_net
     from pipeline.refine.runner import open_prepared
@@ -104,9 +105,9 @@ def train_and_save(prepared_dir: str | Path, params: dict, seeds_path: str | Pat
     aff = params["affinity"]
     seeds = Store(seeds_path)
     model, backbone_name = build_affinity_net(params["cam"]["backbone"], aff["init"], aff["stride"], classifier_path,
-                                              aff["embed_dim"], aff["frozen_levels"])
+                                              aff["embed_dim"], aff["frozen_levels"], params["rw"]["affinity"])
     history = train_affinity(model, open_prepared(prepared_dir, params["data"]), seeds, seeds.ids, aff, device,
                              params["compute"]["seed"], backbone_name, checkpoint, resume_path)
-    return {"history": history, "metrics": {"train_images": len(seeds.ids), "epochs": aff["epochs"],
+    return {"history": history, "metrics": {"train_images": len(seeds.ids), "epochs": aff["epochs"], "model": model.kind,
                                             "final_loss": round(history[-1]["loss"], 5)}}
 
