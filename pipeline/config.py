@@ -250,8 +250,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "seg": {"epochs": 1, "batch_size": 8, "crop_size": 48},
         "compute": {"scheduler": "synchronous", "shard_images": 8},
     },
-    # Real photos (VOC-style) on a 2-core CPU: 46 minutes for 676 VOC photos, measured in
-    # docs/REAL_PHOTOS.md. Set data.root (and data.dataset for coco / folder). What differs from the
+    # Real photos (VOC-style) on a 2-core CPU: 46 to 71 minutes for 676 VOC photos depending on the
+    # CPU, measured in docs/REAL_PHOTOS.md. Set data.root (and data.dataset for coco / folder). What differs from the
     # published GPU settings is smaller: crops, one CAM scale, a thinner AffinityNet embedding, the
     # early backbone levels frozen. Thresholds and the walk's background follow the CAM sweep.
     "photos": {
