@@ -1,7 +1,7 @@
 """Training the CAM classifier on image-level labels, and its classification mAP.
 
-The objective of ``cam.training`` (:mod:`pipeline.cam.objectives`: multilabel soft-margin loss, or SEAM); poly lr with the head at ``head_lr_mult``×; random rescale, crop and
-flip; bf16 autocast + channels_last on CUDA. After every epoch a resume checkpoint is written
+The objective of ``cam.training`` (:mod:`pipeline.cam.objectives`: multilabel soft-margin loss,
+SEAM or SC-CAM); poly lr with the head at ``head_lr_mult``×; random rescale, crop and flip; bf16 autocast + channels_last on CUDA. After every epoch a resume checkpoint is written
 (:class:`pipeline.training.ResumePoint`), so an interrupted run continues from its last finished
 epoch and ends with the same weights.
 """

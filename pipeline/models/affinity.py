@@ -215,14 +215,9 @@ def build_affinity_net(backbone_name: str, init: str, stride: int, classifier_ch
     if kind not in AFFINITY_MODELS:
         raise ValueError(f"param rw.affinity: {kind!r} is not one of {sorted(AFFINITY_MODELS)}")
     if init == "classifier":
-        if classifier_checkpoint is None or not Path(classifier_checkpoint).is_file():
-            raise FileNotFoundError(f"param affinity.init=classifier: classifier checkpoint not found: {classifier_checkpoint}; "
-                                    "run the train_cam stage or set affinity.init to imagenet | none | <path>")
-        from pipeline.models.classifier import load_classifier
+        from pipeline.models.classifier import classifier_backbone
 
-        loaded = load_classifier(classifier_checkpoint, torch.device("cpu"))
-        model, meta = loaded if isinstance(loaded, tuple) else (loaded, {})
-        backbone, backbone_name = model.backbone, meta.get("backbone", backbone_name)
+        backbone, backbone_name = classifier_backbone(classifier_checkpoint, "affinity.init")
     else:
         backbone = build_backbone(backbone_name, init)
     backbone.requires_grad_(True)  # the classifier may have frozen some levels: this model decides its own

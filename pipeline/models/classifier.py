@@ -76,6 +76,16 @@ def save_classifier(path: str | Path, model: CamClassifier, backbone: str, class
                                   "class_names": list(class_names), "params": dict(params)})
 
 
+def classifier_backbone(path: str | Path | None, param: str) -> tuple[Backbone, str]:
+    """(backbone, its name) of the CAM classifier saved at ``path``, for a model that starts from it
+    (``param``, e.g. ``affinity.init`` or ``seg.weights``, names the setting in the error)."""
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"param {param}=classifier: classifier checkpoint not found: {path}; "
+                                f"run the train_cam stage or set {param} to imagenet | none | <path>")
+    model, meta = load_classifier(path, torch.device("cpu"))
+    return model.backbone, meta["backbone"]
+
+
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[CamClassifier, dict]:
     """Rebuild the classifier saved by train_cam (no weight download: random init, then the checkpoint).
 

@@ -91,22 +91,14 @@ def build_segmenter(num_classes: int, seg: dict, classifier_checkpoint: str | Pa
                       channels=seg["aspp_channels"], dropout=seg["dropout"], frozen_levels=seg.get("frozen_levels", 0),
                       freeze_bn=seg.get("freeze_bn", False))  # a loaded checkpoint's arch has neither: no training
     if classifier:
-        model.backbone.load_state_dict(classifier_backbone_state(classifier_checkpoint, seg["backbone"]))
+        from pipeline.models.classifier import classifier_backbone
+
+        backbone, name = classifier_backbone(classifier_checkpoint, "seg.weights")
+        if name != seg["backbone"]:
+            raise ValueError(f"param seg.weights=classifier: the classifier in {classifier_checkpoint} has backbone "
+                             f"{name!r} but seg.backbone is {seg['backbone']!r}; set them equal")
+        model.backbone.load_state_dict(backbone.state_dict())
     return model
-
-
-def classifier_backbone_state(path: str | Path | None, backbone_name: str) -> dict:
-    """The backbone weights of the CAM classifier saved at ``path`` (for ``seg.weights: classifier``)."""
-    if path is None or not Path(path).is_file():
-        raise FileNotFoundError(f"param seg.weights=classifier: classifier checkpoint not found: {path}; "
-                                "run the train_cam stage or set seg.weights to imagenet | none | <path>")
-    from pipeline.models.classifier import load_classifier
-
-    model, meta = load_classifier(path, torch.device("cpu"))
-    if meta.get("backbone") != backbone_name:
-        raise ValueError(f"param seg.weights=classifier: the classifier in {path} has backbone "
-                         f"{meta.get('backbone')!r} but seg.backbone is {backbone_name!r}; set them equal")
-    return model.backbone.state_dict()
 
 
 ARCH_KEYS = ("backbone", "aspp_rates", "aspp_channels", "dropout")
