@@ -6,7 +6,7 @@ import runpy
 import sys
 from pathlib import Path
 
-STAGES = ["prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "train_seg", "evaluate", "export"]
+STAGES = ["prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "instances", "train_seg", "evaluate", "export"]
 
 
 def _params(args):
@@ -30,7 +30,8 @@ def _export(args):
     params = load_params(args.params)
     formats = list(dict.fromkeys(args.format))
     summary = run_export(args.store, args.prepared, params["data"], formats, args.out, force=args.force, params=params,
-                         label_metrics=read_json(args.metrics), nest=len(formats) > 1)
+                         label_metrics=read_json(args.metrics), nest=len(formats) > 1,
+                         instances_store_path=args.instances)
     print(f"exported {summary['count']} masks as {', '.join(formats)} to {summary['out_dir']}")
 
 
@@ -83,12 +84,13 @@ def main(argv=None) -> None:
     p.set_defaults(fn=_stage)
 
     p = sub.add_parser("export", help="export the pseudo-mask store for another team")
-    p.add_argument("--format", action="append", choices=["voc", "coco", "zarr"], required=True,
-                   help="repeat for several formats")
+    p.add_argument("--format", action="append", choices=["voc", "coco", "zarr", "coco_instances"], required=True,
+                   help="repeat for several formats (coco_instances: the instance pseudo masks of --instances)")
     p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
     p.add_argument("--force", action="store_true",
                    help="replace a previous export in --out (any other non-empty folder is always refused)")
     p.add_argument("--store", default="data/pseudo.zarr", help="mask store to export")
+    p.add_argument("--instances", default="data/instances.zarr", help="instance store (format coco_instances)")
     p.add_argument("--prepared", default="data/prepared")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--metrics", default="metrics/labels.json", help="label-quality metrics to put in the manifest")

@@ -156,6 +156,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "ignore_below": _num(0.0, 0.0, 1.0, help="mark pixels whose top score is below this as 255"),
         "final_crf": P(bool, False),
     },
+    "instances": {
+        "iterations": _int(100, 1, 1000, help="centre search: each cell's point moves by the displacement where it stands, this many times"),
+        "merge_radius": _int(2, 0, 16, help="converged points about this many grid cells apart or closer make one instance centre"),
+        "min_area": _num(0.001, 0.0, 1.0, help="drop instances smaller than this fraction of the image"),
+        "max_instances": _int(32, 1, 254, help="candidate (class, centre) pairs per image, largest CAM mass first"),
+    },
     "seg": {
         "labels": P(str, "pseudo", choices=("pseudo", "gt")),
         "backbone": P(str, "tiny", choices=BUILTIN_BACKBONE_NAMES, free_text=True),
@@ -188,7 +194,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "on_missing": P(str, "fail", choices=("fail", "skip"), help="a missing or bad map: fail, or keep the CAM cue for that image"),
     },
     "export": {
-        "formats": P(list, ["voc", "coco", "zarr"], item=str),
+        "formats": P(list, ["voc", "coco", "zarr", "coco_instances"], item=str,
+                     help="voc | coco | zarr: the pseudo masks; coco_instances: the instance pseudo masks (data/instances.zarr)"),
     },
     "compute": {
         "device": P(str, "auto", choices=("auto", "cpu", "cuda")),
@@ -407,8 +414,8 @@ def validate(raw: dict, source: str = "params") -> dict[str, dict[str, Any]]:
         if any(v <= 0 for v in values):
             raise ParamsError(f"param {key}: scales must be positive, got {values}")
     for fmt in out["export"]["formats"]:
-        if fmt not in ("voc", "coco", "zarr"):
-            raise ParamsError(f"param export.formats: unknown format {fmt!r}; known: voc, coco, zarr")
+        if fmt not in ("voc", "coco", "zarr", "coco_instances"):
+            raise ParamsError(f"param export.formats: unknown format {fmt!r}; known: voc, coco, zarr, coco_instances")
     _check_registered(out)
     return out
 

@@ -55,8 +55,12 @@ def repo(tmp_path_factory):
 
 def test_repro_runs_every_stage_then_crf_ablation_reruns_only_downstream(repo):
     out = _run(["dvc", "repro"], repo)
-    assert _ran(out) == {"prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "train_seg",
-                         "evaluate", "export"}
+    assert _ran(out) == {"prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "instances",
+                         "train_seg", "evaluate", "export"}
+    inst = json.loads((repo / "metrics/instances.json").read_text())
+    assert inst["instances"] > 0 and inst["images"] > 0
+    coco = repo / "exports/pseudo_masks/coco_instances"
+    assert json.loads((coco / "manifest.json").read_text())["format"] == "coco_instances"
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "baseline"], repo)
     before = json.loads((repo / "metrics/labels.json").read_text())
@@ -109,7 +113,9 @@ SWITCHES = [
     ("cam.training=seam", {"train_cam", "make_cam", "crf"}, {"prepare"}),
     ("rw.affinity=irn", {"train_aff", "random_walk"}, {"prepare", "train_cam", "make_cam", "crf"}),
     ("seg.weights=classifier", {"train_seg", "evaluate"},
-     {"prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk"}),
+     {"prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "instances"}),
+    ("instances.merge_radius=4", {"instances", "export"},
+     {"prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "train_seg"}),
 ]
 
 

@@ -148,7 +148,8 @@ def test_export_stage_replaces_a_leftover_previous_export(demo, tmp_path, monkey
     monkeypatch.setattr(stage, "PSEUDO", demo["store"])
     monkeypatch.setattr(stage, "PREPARED", demo["root"] / "prepared")
     monkeypatch.setattr(stage, "LABEL_METRICS", tmp_path / "labels.json")
-    monkeypatch.setattr(stage, "start", lambda name: demo["params"])
+    params = {**demo["params"], "export": {"formats": ["voc", "coco", "zarr"]}}  # no instance store here
+    monkeypatch.setattr(stage, "start", lambda name: params)
     stage.main()
     first = json.loads((exports / "voc" / "manifest.json").read_text())["created"]
     assert sorted(p.name for p in exports.iterdir()) == ["coco", "voc", "zarr"]

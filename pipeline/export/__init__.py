@@ -1,4 +1,5 @@
-"""Export the pseudo masks for another team: VOC PNGs, COCO RLE json or a zarr store.
+"""Export the pseudo masks for another team: VOC PNGs, COCO RLE json or a zarr store, and the
+instance pseudo masks as COCO instance annotations (``coco_instances``).
 
 :func:`run_export` is the one entry used by the ``export`` stage and by ``wsss export``. Every
 export folder holds the masks, ``manifest.json`` and a datasheet ``README.md``. Writes are safe:
@@ -20,8 +21,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from pipeline.export.formats import (READERS, ExportError, read_coco, read_voc, read_zarr, safe_member, write_coco,
-                                     write_voc, write_zarr)
+from pipeline.export.formats import (READERS, ExportError, read_coco, read_coco_instances, read_voc, read_zarr,
+                                     safe_member, write_coco, write_coco_instances, write_voc, write_zarr)
 from pipeline.export.manifest import build_manifest, datasheet, dvc_lock_hashes_status, git_revision_status, utc_now
 from pipeline.metrics import ConfusionMatrix
 from pipeline.progress import progress_bar
@@ -30,14 +31,15 @@ from pipeline.store import Store, StoreError
 
 log = logging.getLogger("wsss")
 
-FORMATS = ("voc", "coco", "zarr")
+FORMATS = ("voc", "coco", "zarr", "coco_instances")
 
-__all__ = ["FORMATS", "ExportError", "READERS", "read_coco", "read_export", "read_voc", "read_zarr", "run_export",
+__all__ = ["FORMATS", "ExportError", "READERS", "read_coco", "read_coco_instances", "read_export", "read_voc", "read_zarr", "run_export",
            "safe_member"]
 
 
 def read_export(folder: str | Path) -> dict[str, np.ndarray]:
-    """{image_id: mask} of any export folder (its manifest names the format)."""
+    """{image_id: mask} of any export folder (its manifest names the format; instance-id maps for
+    coco_instances)."""
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     return READERS[manifest["format"]](folder)
@@ -169,13 +171,36 @@ def _image_file_name(prepared):
     return name
 
 
+def _open_instance_store(path: str | Path | None, class_names: list[str]) -> Store:
+    if path is None or not Path(path).exists():
+        raise ExportError(f"export format coco_instances needs the instance store (the instances stage writes "
+                          f"data/instances.zarr): not found: {path}")
+    try:
+        store = Store(path)
+    except StoreError as e:
+        raise ExportError(str(e)) from e
+    if "instance" not in store.specs or "mask" not in store.specs:
+        raise ExportError(f"{path}: not an instance store (arrays: {sorted(store.specs)})")
+    if store.attrs.get("class_names") not in (None, class_names):
+        raise ExportError(f"{path}: class names {store.attrs['class_names']} differ from the prepared dataset's {class_names}")
+    return store
+
+
+def instance_items(store: Store) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(image_id, instance, mask, score) for every image of an instance store."""
+    masks, scores = store.iter("mask"), store.iter("score")
+    for (i, inst), (_, mask), (_, score) in zip(store.iter("instance"), masks, scores):
+        yield store.ids[i], inst, mask, score
+
+
 def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_params: dict, formats: Sequence[str],
                out_dir: str | Path, force: bool = False, *, params: dict | None = None,
                label_metrics: dict | None = None, lock_path: str | Path = "dvc.lock", repo_dir: str | Path = ".",
-               nest: bool | None = None, progress: bool = True) -> dict:
+               nest: bool | None = None, progress: bool = True, instances_store_path: str | Path | None = None) -> dict:
     """Export the mask store at ``pseudo_store_path`` into ``out_dir``.
 
-    formats: any of ``voc``, ``coco``, ``zarr``. nest: write each format into ``out_dir/<format>``
+    formats: any of ``voc``, ``coco``, ``zarr`` (the pseudo masks) and ``coco_instances`` (the
+    instance store at ``instances_store_path``, written by the instances stage). nest: write each format into ``out_dir/<format>``
     (default: only when more than one format is asked for; the stage always nests). With one
     format and nest False, ``out_dir`` itself is the export folder.
     params: the full params dict recorded in the manifest; label_metrics: metrics/labels.json
@@ -210,7 +235,10 @@ def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_par
     if store.attrs.get("class_names") not in (None, class_names):
         raise ExportError(f"{pseudo_store_path}: class names {store.attrs['class_names']} differ from the prepared "
                           f"dataset's {class_names}")
-    for image_id in store.ids:
+    instances = None
+    if "coco_instances" in formats:
+        instances = _open_instance_store(instances_store_path, class_names)
+    for image_id in store.ids + (instances.ids if instances is not None else []):
         safe_member(out_dir, image_id, "")  # refuse before writing anything
     split = store.attrs.get("split") or data_params["train_split"]
     n_classes = len(class_names)
@@ -276,12 +304,23 @@ def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_par
                             "version": "1", "date_created": common["created"]}
                     written = write_coco(folder, items(), split, class_names, _image_file_name(prepared), info, tick)
                     files = {"annotations": written[0]}
+                elif fmt == "coco_instances":
+                    info = {"description": f"instance pseudo masks of {common['dataset']['name']}/{split}",
+                            "version": "1", "date_created": common["created"]}
+                    written = write_coco_instances(folder, instance_items(instances), split, class_names,
+                                                   _image_file_name(prepared), info, tick)
+                    files = {"annotations": written[0]}
                 else:
                     written = write_zarr(folder, store, items(), tick)
                     files = {"store": "masks.zarr"}
             seconds = time.perf_counter() - t0
             mask_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-            manifest = build_manifest(fmt=fmt, files=files, label_quality=label_quality(), **common)
+            if fmt == "coco_instances":
+                manifest = build_manifest(fmt=fmt, files=files, label_quality=None, **{
+                    **common, "source": {"store": str(instances_store_path), "method": instances.attrs.get("method"),
+                                         "fingerprint": instances.attrs.get("fingerprint")}})
+            else:
+                manifest = build_manifest(fmt=fmt, files=files, label_quality=label_quality(), **common)
             (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             (folder / "README.md").write_text(datasheet(manifest))
             summary["formats"][fmt] = {

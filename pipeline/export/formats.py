@@ -11,6 +11,10 @@ checked against the source store.
         compressed-RLE segmentation, ``iscrowd`` 0, ``category_id`` = class index (background
         is category 0); pixels covered by no annotation are 255 (unsure).
 - zarr: ``masks.zarr``: a copy of the mask store (zarr v3, array "mask", attrs hold ids).
+- coco_instances: ``annotations/instances_<split>.json`` from the instance store
+        (``data/instances.zarr``): one annotation per instance, compressed-RLE segmentation,
+        ``category_id`` = class index, ``score`` in (0, 1], ``iscrowd`` 0; categories are the
+        foreground classes. Its reader returns instance-id maps (0 = no instance).
 """
 from __future__ import annotations
 
@@ -163,4 +167,80 @@ def read_zarr(folder: str | Path) -> dict[str, np.ndarray]:
     return {i: store.read("mask", i) for i in store.ids}
 
 
-READERS = {"voc": read_voc, "coco": read_coco, "zarr": read_zarr}
+# --- COCO instances ---------------------------------------------------------------------------
+
+def instance_annotations(instance: np.ndarray, mask: np.ndarray, score: np.ndarray, num_classes: int) -> list[dict]:
+    """One COCO annotation dict per instance of an instance-store image (without id / image_id)."""
+    from pycocotools import mask as mask_utils
+
+    ids = [int(k) for k in np.unique(instance) if k != 0]
+    if not ids:
+        return []
+    binary = np.asfortranarray(np.stack([instance == k for k in ids], axis=2).astype(np.uint8))
+    rles = mask_utils.encode(binary)
+    out = []
+    for k, rle, area, box in zip(ids, rles, mask_utils.area(rles), mask_utils.toBbox(rles)):
+        pixels = instance == k
+        classes = np.unique(mask[pixels])
+        if len(classes) != 1 or not 0 < int(classes[0]) < num_classes:
+            raise ExportError(f"instance {k} has class values {classes.tolist()}; expected one class in 1..{num_classes - 1}")
+        out.append({"category_id": int(classes[0]), "segmentation": {"size": [int(v) for v in rle["size"]],
+                                                                     "counts": rle["counts"].decode("ascii")},
+                    "area": float(area), "bbox": [float(v) for v in box], "iscrowd": 0,
+                    "score": round(float(score[pixels].max()), 5)})
+    return out
+
+
+def write_coco_instances(out: Path, items: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]], split: str,
+                         class_names: list[str], file_name: Callable[[str], str], info: dict,
+                         tick: Callable[[], None] = lambda: None) -> list[str]:
+    """``items``: (image_id, instance, mask, score) per image (the instance store's arrays)."""
+    images, annotations = [], []
+    for n, (image_id, instance, mask, score) in enumerate(items, start=1):
+        safe_member(out, image_id, "")
+        h, w = instance.shape
+        images.append({"id": n, "file_name": file_name(image_id), "height": int(h), "width": int(w),
+                       "image_key": image_id})
+        try:
+            anns = instance_annotations(instance, mask, score, len(class_names))
+        except ExportError as e:
+            raise ExportError(f"image {image_id!r}: {e}") from None
+        for ann in anns:
+            annotations.append({"id": len(annotations) + 1, "image_id": n, **ann})
+        tick()
+    doc = {"info": info, "licenses": [], "images": images, "annotations": annotations,
+           "categories": [{"id": k, "name": name, "supercategory": "object"}
+                          for k, name in enumerate(class_names) if k > 0]}
+    rel = f"annotations/instances_{split}.json"
+    (out / "annotations").mkdir(parents=True)
+    (out / rel).write_text(json.dumps(doc, separators=(",", ":")))
+    return [rel]
+
+
+def read_coco_instances(path: str | Path) -> dict[str, np.ndarray]:
+    """{image_key: (H, W) uint16 instance map} (annotation order, 1..n; 0 = no instance) of a
+    coco_instances export json (or its folder), decoded with pycocotools."""
+    import contextlib
+    import io
+    import warnings
+
+    from pycocotools.coco import COCO
+
+    path = Path(path)
+    if path.is_dir():
+        manifest = json.loads((path / "manifest.json").read_text())
+        path = path / manifest["files"]["annotations"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(path))
+    out = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+        for img_id, img in coco.imgs.items():
+            inst = np.zeros((img["height"], img["width"]), np.uint16)
+            for k, ann in enumerate(coco.loadAnns(coco.getAnnIds(imgIds=[img_id])), start=1):
+                inst[coco.annToMask(ann).astype(bool)] = k
+            out[img.get("image_key", img["file_name"])] = inst
+    return out
+
+
+READERS = {"voc": read_voc, "coco": read_coco, "zarr": read_zarr, "coco_instances": read_coco_instances}

@@ -136,6 +136,11 @@ _FORMAT_TEXT = {
              "RLE, `iscrowd` 0, `category_id` = class index (background is category 0, so the annotations of an "
              "image tile every labelled pixel). Pixels covered by no annotation are unsure (255). `images[].image_key` "
              "is the dataset's image id. Decode with `pycocotools.coco.COCO(path).annToMask(ann)`."),
+    "coco_instances": ("COCO json (`{annotations}`): one annotation per instance pseudo mask (IRNet-style, from the "
+                       "displacement field), `segmentation` in compressed RLE, `category_id` = class index (background "
+                       "is not a category), `score` in (0, 1] (the instance's peak score), `iscrowd` 0. "
+                       "`images[].image_key` is the dataset's image id. Load with `pycocotools.coco.COCO(path)`; "
+                       "as detections for COCOeval: `coco_gt.loadRes(annotations)` after mapping image ids."),
     "zarr": ("A zarr v3 group `masks.zarr` (readable with `zarr.open_group`): array `mask` (N, H_max, W_max) uint8, "
              "image i occupies `[i, :h_i, :w_i]` where `size[i] = (h_i, w_i)`; the rest is 255 padding. The image "
              "ids are in the group attribute `ids` (same order)."),

@@ -3,6 +3,11 @@ pixel-pair affinities on a fixed stride grid (Ahn & Kwak, CVPR 2018). ``rw.affin
 :class:`BoundaryAffinityNet` instead: IRNet's inter-pixel relations (Ahn, Cho & Kwak, CVPR 2019),
 a class-boundary map B with affinity(i, j) = 1 - max B on the segment from i to j.
 
+Both also carry IRNet's displacement field branch (:class:`DisplacementHead`): for each grid cell a
+vector (dy, dx), in grid cells, to the centre of the object instance it belongs to, learned from the
+same seed pairs on detached backbone features (so it never changes the affinities). The
+``instances`` stage turns it into instance pseudo masks (:mod:`pipeline.refine.instances`).
+
 Pairs are the half-plane ``pair_offsets(radius)`` (each unordered pair once): offset ``(dy, dx)``
 pairs grid cell ``(y, x)`` with ``(y + dy, x + dx)``. Affinity maps are ``(B, P, h, w)`` with
 ``aff[:, p, y, x] = exp(-mean_d |f(y, x) - f(y + dy, x + dx)|)`` in (0, 1]; entries whose partner
@@ -58,11 +63,39 @@ def default_dims(levels: int, deepest: int = 128) -> list[int]:
     return [max(8, deepest >> (levels - 1 - i)) for i in range(levels)]
 
 
+class DisplacementHead(nn.Module):
+    """IRNet's displacement field branch: a 1x1 conv (GroupNorm, ReLU) per backbone level on the
+    *detached* features, resized to the grid, concatenated, then two 3x3 convs -> (B, 2, h, w), the
+    (dy, dx) from each cell to its instance's centre, in grid cells. Its last conv starts at zero
+    (every cell its own centre)."""
+
+    def __init__(self, channels: Sequence[int], dims: Sequence[int]):
+        super().__init__()
+        self.levels = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, d, 1, bias=False), nn.GroupNorm(min(8, d), d), nn.ReLU(inplace=True))
+            for c, d in zip(channels, dims))
+        total = sum(dims)
+        self.mix = nn.Sequential(nn.Conv2d(total, total, 3, padding=1, bias=False), nn.GroupNorm(min(8, total), total),
+                                 nn.ReLU(inplace=True), nn.Conv2d(total, 2, 3, padding=1))
+        nn.init.zeros_(self.mix[-1].weight)
+        nn.init.zeros_(self.mix[-1].bias)
+
+    def forward(self, feats: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        parts = []
+        for level, f in zip(self.levels, feats):
+            f = level(f.detach())
+            if f.shape[-2:] != size:
+                f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+            parts.append(f)
+        return self.mix(torch.cat(parts, 1))
+
+
 class AffinityNet(nn.Module):
     """Backbone + one 1x1 conv (GroupNorm, ReLU) per level + a 1x1 mixing conv -> embedding.
 
     ``embedding(x)``: (B, 3, H, W) normalised images -> (B, D, ceil(H/stride), ceil(W/stride)).
     ``affinities(emb, offsets)``: -> (B, P, h, w) in [0, 1].
+    ``relations(x, offsets)``: (affinities, displacement field (B, 2, h, w)) from one backbone pass.
     """
 
     def __init__(self, backbone: Backbone, stride: int = 4, dims: Sequence[int] | None = None,
@@ -85,9 +118,11 @@ class AffinityNet(nn.Module):
         nn.init.xavier_uniform_(self.mix.weight, gain=4.0)
         for h in self.heads:
             nn.init.kaiming_normal_(h[0].weight)
+        self.displacement_head = DisplacementHead(levels, self.dims)
+        self.has_displacement = True  # False for a checkpoint saved before the branch existed
 
     def head_parameters(self):
-        return list(self.heads.parameters()) + list(self.mix.parameters())
+        return list(self.heads.parameters()) + list(self.mix.parameters()) + list(self.displacement_head.parameters())
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -97,12 +132,17 @@ class AffinityNet(nn.Module):
                     m.eval()
         return self
 
-    def embedding(self, x: torch.Tensor) -> torch.Tensor:
-        size = grid_size(x.shape[-2:], self.stride)
+    def levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone feature maps this model reads, shallow to deep."""
         feats = self.backbone(x)
+        return [feats[i] for i in self.level_index]
+
+    def embedding(self, x: torch.Tensor, levels: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        size = grid_size(x.shape[-2:], self.stride)
+        feats = self.levels(x) if levels is None else levels
         parts = []
-        for head, i in zip(self.heads, self.level_index):
-            f = head(feats[i])
+        for head, f in zip(self.heads, feats):
+            f = head(f)
             if f.shape[-2:] != size:
                 f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
             parts.append(f)
@@ -118,8 +158,16 @@ class AffinityNet(nn.Module):
 
     kind = "affinitynet"
 
+    def pair_affinities(self, x: torch.Tensor, levels: Sequence[torch.Tensor], offsets) -> torch.Tensor:
+        return self.affinities(self.embedding(x, levels), offsets)
+
     def forward(self, x: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
-        return self.affinities(self.embedding(x), offsets)
+        return self.pair_affinities(x, self.levels(x), offsets)
+
+    def relations(self, x: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(affinities (B, P, h, w), displacement field (B, 2, h, w) in grid cells) from one backbone pass."""
+        levels = self.levels(x)
+        return self.pair_affinities(x, levels, offsets), self.displacement_head(levels, grid_size(x.shape[-2:], self.stride))
 
 
 def segment_points(dy: int, dx: int) -> list[tuple[int, int]]:
@@ -144,8 +192,8 @@ class BoundaryAffinityNet(AffinityNet):
     def head_parameters(self):
         return super().head_parameters() + list(self.edge.parameters())
 
-    def boundary(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.edge(F.relu(self.embedding(x))))
+    def boundary(self, x: torch.Tensor, levels: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.edge(F.relu(self.embedding(x, levels))))
 
     @staticmethod
     def path_affinities(boundary: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -159,8 +207,8 @@ class BoundaryAffinityNet(AffinityNet):
             out.append(1.0 - torch.stack(views, 0).amax(0))
         return torch.cat(out, 1) * in_bounds(h, w, offsets, boundary.device).unsqueeze(0)
 
-    def forward(self, x: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
-        return self.path_affinities(self.boundary(x), offsets)
+    def pair_affinities(self, x: torch.Tensor, levels: Sequence[torch.Tensor], offsets) -> torch.Tensor:
+        return self.path_affinities(self.boundary(x, levels), offsets)
 
 
 AFFINITY_MODELS = {"affinitynet": AffinityNet, "irn": BoundaryAffinityNet}
@@ -186,6 +234,21 @@ def pair_labels(seed_grid: torch.Tensor, offsets: Sequence[tuple[int, int]]):
     known = (a != IGNORE_INDEX) & (b != IGNORE_INDEX)
     same = known & (a == b)
     return same & (a == 0), same & (a != 0), known & (a != b)
+
+
+def displacement_loss(disp: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor,
+                      offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """IRNet's displacement loss on the seed pairs. disp (B, 2, h, w) in grid cells; pairs as
+    :func:`pair_labels`. Two cells i and j = i + (dy, dx) of one object share a centre, i + D(i) =
+    j + D(j), so D(i) - D(j) should be (dy, dx): the mean L1 error of that over foreground positives,
+    plus the mean |D(i) - D(j)| over background positives (a smooth background field). A term with
+    no pairs contributes 0."""
+    partner = torch.stack([shifted(disp, dy, dx) for dy, dx in offsets], 1)  # (B, P, 2, h, w): D(j)
+    target = torch.tensor(offsets, dtype=disp.dtype, device=disp.device).view(1, len(offsets), 2, 1, 1)
+    diff = disp.unsqueeze(1) - partner
+    fg = (diff - target).abs().sum(2)
+    bg = diff.abs().sum(2)
+    return ((fg * fg_pos).sum() / fg_pos.sum().clamp(min=1)) + ((bg * bg_pos).sum() / bg_pos.sum().clamp(min=1))
 
 
 def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor,
@@ -260,6 +323,10 @@ def load_affinity_net(path: str | Path, device: torch.device | str = "cpu") -> A
     if kind not in AFFINITY_MODELS:
         raise ValueError(f"{path}: unknown affinity model kind {kind!r}; re-run the train_aff stage")
     model = AFFINITY_MODELS[kind](build_backbone(ck["backbone"], "none"), stride=ck["stride"], dims=ck["dims"])
-    model.load_state_dict(ck["state_dict"])
+    missing, unexpected = model.load_state_dict(ck["state_dict"], strict=False)
+    if unexpected or any(not k.startswith("displacement_head.") for k in missing):
+        raise ValueError(f"{path}: does not match the {kind} model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}); re-run the train_aff stage")
+    model.has_displacement = not missing  # saved before the displacement branch: affinities only
     model.radius = int(ck["radius"])
     return model.to(device).eval()

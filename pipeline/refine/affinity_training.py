@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.augment import normalise, random_scale_crop_flip
-from pipeline.models.affinity import (AffinityNet, affinity_loss, pair_labels, pair_offsets,
+from pipeline.models.affinity import (AffinityNet, affinity_loss, displacement_loss, pair_labels, pair_offsets,
                                       seed_to_grid)
 from pipeline.store import Store
 
@@ -46,6 +46,9 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
                    backbone_name: str, out_path: str | Path, resume_path: str | Path | None = None) -> list[dict]:
     """Train ``model`` with the ``affinity`` params; save the checkpoint to ``out_path``; return the per-epoch history.
 
+    Loss per batch: the pair loss of the affinities (:func:`affinity_loss`) + IRNet's displacement
+    loss (:func:`displacement_loss`, on detached features: it trains only the displacement branch).
+
     ``resume_path``: per-epoch resume checkpoint (see :class:`pipeline.training.ResumePoint`), removed
     once ``out_path`` is saved; it resumes only for the same params, ids, seeds store, prepared data,
     initial weights (e.g. the CAM classifier's) and code."""
@@ -73,12 +76,12 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
     def step(batch):
         x = images_to(batch["image"], device)
         s = batch["seed"].to(device)
-        a = model(x, offsets)
+        a, d = model.relations(x, offsets)
         bg, fg, neg = pair_labels(s, offsets)
         loss, n = affinity_loss(a.float(), bg, fg, neg)
         for k in counts:
             counts[k] += n[k]
-        return loss
+        return loss + displacement_loss(d.float(), bg, fg, offsets)
 
     def epoch_end(epoch, loss):
         log.info("train_aff epoch %d: pairs so far bg+ %d, fg+ %d, neg %d", epoch + 1, counts["bg_pos"],

@@ -70,7 +70,8 @@ def quiet_dask_logs() -> None:
 def map_over_store(run: Callable, fn: Callable, tasks: Sequence, writer, array: str,
                    on_result: Callable[[int, np.ndarray], None] | None = None, desc: str = "") -> dict:
     """Fill ``writer`` (a StoreWriter) shard by shard with ``run(fn, tasks[shard])``; resumes past
-    finished shards; ``on_result(index, array)`` sees every image (including resumed ones, re-read)."""
+    finished shards; ``on_result(index, array)`` sees every image's ``array`` (including resumed ones,
+    re-read). ``fn`` returns that array, or a dict {array name: array} when the store has several."""
     from pipeline.progress import progress_bar
 
     pending = writer.pending_shards()
@@ -87,7 +88,11 @@ def map_over_store(run: Callable, fn: Callable, tasks: Sequence, writer, array: 
         for s in pending:
             idx = list(writer.shard_indices(s))
             results = run(fn, [tasks[i] for i in idx])
-            writer.write_shard(s, {array: results})
+            if results and isinstance(results[0], dict):
+                writer.write_shard(s, {name: [r[name] for r in results] for name in results[0]})
+                results = [r[array] for r in results]
+            else:
+                writer.write_shard(s, {array: results})
             if on_result is not None:
                 for i, r in zip(idx, results):
                     on_result(i, r)
@@ -96,9 +101,10 @@ def map_over_store(run: Callable, fn: Callable, tasks: Sequence, writer, array: 
 
 
 def write_scored_label_store(prepared, ids: Sequence[str], out_path, array: str, attrs: dict, fn: Callable,
-                             tasks: Sequence, compute: dict, desc: str) -> dict:
+                             tasks: Sequence, compute: dict, desc: str, extra_arrays: dict | None = None) -> dict:
     """Map ``fn`` over ``tasks`` through dask into a full-resolution uint8 label store ``out_path``
-    (array ``array``, 255 = unsure), scoring every image against GT as it arrives.
+    (array ``array``, 255 = unsure), scoring every image against GT as it arrives. With
+    ``extra_arrays`` ({name: ArraySpec}, stored beside it) ``fn`` returns {name: array} for all of them.
 
     Returns the ConfusionMatrix summary plus ``seconds``, ``resumed_shards``, ``computed_shards``.
     """
@@ -109,8 +115,8 @@ def write_scored_label_store(prepared, ids: Sequence[str], out_path, array: str,
     from pipeline.labels import IGNORE_INDEX
     from pipeline.store import ArraySpec, StoreWriter
 
-    writer = StoreWriter(out_path, ids, prepared.sizes(ids), {array: ArraySpec("uint8", stride=1, fill=IGNORE_INDEX)},
-                         attrs, shard_images=compute["shard_images"])
+    specs = {array: ArraySpec("uint8", stride=1, fill=IGNORE_INDEX), **(extra_arrays or {})}
+    writer = StoreWriter(out_path, ids, prepared.sizes(ids), specs, attrs, shard_images=compute["shard_images"])
     cm = ConfusionMatrix(prepared.num_classes)
 
     def score(i, labels):

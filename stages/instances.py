@@ -1,0 +1,24 @@
+"""Stage instances: data/cams.zarr + models/affinity (displacement field) -> data/instances.zarr,
+metrics/instances.json, plots/instances/gallery.png."""
+from pipeline.metrics import write_json
+from pipeline.progress import stage_timer
+from pipeline.refine.instances import make_instance_masks_and_gallery
+from pipeline.visual import save_png
+from stages.common import AFF_MODEL, CAMS, INSTANCES, PLOTS, PREPARED, cam_best_threshold, start
+
+
+def main() -> None:
+    params = start("instances")
+    with stage_timer("instances") as t:
+        result = make_instance_masks_and_gallery(PREPARED, params, CAMS, AFF_MODEL / "affinity.pt", INSTANCES,
+                                                 cam_threshold=cam_best_threshold())
+        m = result["metrics"]
+        t.n = m["images"]
+        t.extra = f"{m['instances']} instances, mIoU of their classes {m['miou']}%"
+    write_json("metrics/instances.json", m)
+    if result["gallery"] is not None:
+        save_png(PLOTS / "instances" / "gallery.png", result["gallery"])
+
+
+if __name__ == "__main__":
+    main()
