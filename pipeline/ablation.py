@@ -17,6 +17,9 @@ from pipeline.config import SCHEMA, ParamsError, defaults, load_params, validate
 log = logging.getLogger("wsss")
 
 STAGE_COLUMNS = [("cam", "CAM"), ("crf", "CRF seeds"), ("rw", "random walk")]
+# the stage whose metrics file fills each column (``--until`` leaves out the columns of stages after it)
+COLUMN_STAGES = {"CAM": "make_cam", "CRF seeds": "crf", "seeds precision / coverage": "crf",
+                 "random walk": "random_walk", "segmenter (val)": "evaluate"}
 
 
 def parse_grid(specs: Sequence[str]) -> dict[str, list]:
@@ -66,9 +69,11 @@ def _dvc_value(v) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def experiment_name(setting: dict) -> str:
-    """``{"cam.method": "gradcam", "rw.enabled": False}`` -> ``abl-method_gradcam-enabled_false``."""
+def experiment_name(setting: dict, until: str | None = None) -> str:
+    """``{"cam.method": "gradcam", "rw.enabled": False}`` -> ``abl-method_gradcam-enabled_false``
+    (``-until_<stage>`` appended for a run that stops at a stage)."""
     name = "abl-" + "-".join(f"{k.split('.')[-1]}_{_dvc_value(v)}" for k, v in setting.items())
+    name += f"-until_{until}" if until else ""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:80]
 
 
@@ -86,11 +91,14 @@ def experiment_ref(name: str, repo: str | Path = ".") -> str | None:
     return ref if _git(["rev-parse", "--verify", "--quiet", ref], repo).returncode == 0 else None
 
 
-def run_experiment(setting: dict, name: str, queue: bool = False, repo: str | Path = ".") -> str:
-    """``dvc exp run -n name -S k=v ...`` (or ``--queue``); returns dvc's output."""
+def run_experiment(setting: dict, name: str, queue: bool = False, repo: str | Path = ".",
+                   until: str | None = None) -> str:
+    """``dvc exp run -n name -S k=v ... [until]`` (or ``--queue``); returns dvc's output."""
     cmd = ["dvc", "exp", "run", "-n", name]
     for k, v in setting.items():
         cmd += ["-S", f"{k}={_dvc_value(v)}"]
+    if until:
+        cmd.append(until)
     if queue:
         cmd.append("--queue")
     res = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
@@ -112,19 +120,37 @@ def _metrics_reader(repo: Path, ref: str | None):
     return read
 
 
-def read_row(setting: dict, repo: str | Path = ".", ref: str | None = None) -> dict:
-    """Per-stage mIoU of one experiment: from the workspace, or from the experiment's git ``ref``.
+def columns_until(until: str | None) -> list[str]:
+    """The table's metric columns for a run that stops at stage ``until`` (None: the whole graph)."""
+    from pipeline.cli import STAGES
+
+    if until is not None and until not in STAGES:
+        raise ParamsError(f"ablation --until: unknown stage {until!r}; stages: {', '.join(STAGES)}")
+    last = len(STAGES) if until is None else STAGES.index(until)
+    return [c for c, stage in COLUMN_STAGES.items() if STAGES.index(stage) <= last]
+
+
+def read_row(setting: dict, repo: str | Path = ".", ref: str | None = None, until: str | None = None) -> dict:
+    """Per-stage mIoU of one experiment, from each stage's own metrics file: in the workspace, or in
+    the experiment's git ``ref``. With ``until`` only the stages up to it (the later files are the
+    baseline's).
 
     A disabled stage passes its input through; its column shows the mIoU of what it passed on,
     marked ``(off)``."""
     read = _metrics_reader(Path(repo), ref)
-    labels = read("metrics/labels.json")
+    files = {"CAM": "cam", "CRF seeds": "crf", "random walk": "rw"}
     row = dict(setting)
-    for key, title in STAGE_COLUMNS:
-        m = labels.get(key) or {}
+    for title in columns_until(until):
+        if title == "segmenter (val)":
+            row[title] = read("metrics/segmenter.json").get("miou")
+            continue
+        m = read(f"metrics/{files.get(title, 'crf')}.json")
+        if title == "seeds precision / coverage":
+            row[title] = (f"{m['precision']} / {m['coverage']}" if m.get("precision") is not None
+                          and m.get("enabled", True) else None)
+            continue
         value = m.get("miou")
         row[title] = f"{value} (off)" if value is not None and m.get("enabled") is False else value
-    row["segmenter (val)"] = read("metrics/segmenter.json").get("miou")
     return row
 
 
@@ -153,7 +179,7 @@ def plot_rows(rows: list[dict], keys: list[str], path: str | Path) -> Path:
 
     from pipeline.visual import save_figure
 
-    metrics = [t for _, t in STAGE_COLUMNS] + ["segmenter (val)"]
+    metrics = [t for t in COLUMN_STAGES if t in rows[0] and t != "seeds precision / coverage"]
     labels = [", ".join(f"{k.split('.')[-1]}={r[k]}" for k in keys) for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 3.5))
     width = 0.8 / len(metrics)
@@ -173,27 +199,30 @@ def plot_rows(rows: list[dict], keys: list[str], path: str | Path) -> Path:
 
 
 def ablate(specs: Sequence[str], out_md: str | Path = "reports/ablation.md", out_png: str | Path = "reports/ablation.png",
-           repo: str | Path = ".", mode: str = "run") -> str | None:
+           repo: str | Path = ".", mode: str = "run", until: str | None = None) -> str | None:
     """One DVC experiment per combination of the grid, named by :func:`experiment_name`.
 
     mode ``run``: run each (one that already exists on this baseline is reused, not re-run), then
     write the table; ``queue``: only queue them (``dvc queue start`` runs them; then ``collect``);
-    ``collect``: read the experiments already run and write the table. Every setting is validated
-    first (:func:`check_settings`): one bad value queues and runs nothing. Returns the markdown table
+    ``collect``: read the experiments already run and write the table. ``until``: run the graph only
+    up to that stage (``dvc exp run <stage>``; e.g. ``random_walk`` leaves out the segmenter's
+    training) and show only the columns of the stages it ran. Every setting is validated first
+    (:func:`check_settings`): one bad value queues and runs nothing. Returns the markdown table
     (None when queueing)."""
     if mode not in ("run", "queue", "collect"):
         raise ValueError(f"ablate: mode {mode!r} is not run | queue | collect")
     grid = parse_grid(specs)
     settings = combinations(grid)
+    columns_until(until)  # an unknown stage fails before anything runs
     repo = Path(repo)
     check_settings(settings, repo)  # every one, before the first is queued or run
     rows = []
     for n, setting in enumerate(settings):
-        name = experiment_name(setting)
+        name = experiment_name(setting, until)
         ref = experiment_ref(name, repo)
         if mode == "queue":
             if ref is None:
-                run_experiment(setting, name, queue=True, repo=repo)
+                run_experiment(setting, name, queue=True, repo=repo, until=until)
             log.info("ablation %d/%d: %s %s", n + 1, len(settings), name, "queued" if ref is None else "exists already")
             continue
         if ref is None and mode == "collect":
@@ -202,19 +231,19 @@ def ablate(specs: Sequence[str], out_md: str | Path = "reports/ablation.md", out
         if ref is None:
             log.info("ablation %d/%d: dvc exp run -n %s ...", n + 1, len(settings), name)
             t0 = time.perf_counter()
-            run_experiment(setting, name, repo=repo)  # its results are in the workspace: read them there (ref None)
+            run_experiment(setting, name, repo=repo, until=until)  # its results are in the workspace: read them there (ref None)
             log.info("ablation %d/%d: %s done in %.0f s", n + 1, len(settings), name, time.perf_counter() - t0)
         elif mode == "run":
             log.info("ablation %d/%d: %s exists on this baseline; reusing it (dvc exp remove %s to re-run)",
                      n + 1, len(settings), name, name)
-        rows.append(read_row(setting, repo, ref))
+        rows.append(read_row(setting, repo, ref, until))
         log.info("ablation %d/%d: %s", n + 1, len(settings), ", ".join(f"{k} {v}" for k, v in rows[-1].items()))
     if mode == "queue":
         log.info("queued; run them with `dvc queue start -j 1`, follow with `dvc queue status`, then "
-                 "`wsss ablate %s --collect`", " ".join(f"--grid {s}" for s in specs))
+                 "`wsss ablate %s --collect`", " ".join(f"--grid {s}" for s in specs) + (f" --until {until}" if until else ""))
         return None
     table = markdown_table(rows)
-    cmd = "wsss ablate " + " ".join(f"--grid {s}" for s in specs)
+    cmd = "wsss ablate " + " ".join(f"--grid {s}" for s in specs) + (f" --until {until}" if until else "")
     out_md = repo / out_md
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(f"# Ablation\n\nCommand: `{cmd}`\n\nmIoU in %; CAM/CRF/random walk on the train split, segmenter "

@@ -41,7 +41,7 @@ def _ablate(args):
 
     setup_logging()
     mode = "queue" if args.queue else "collect" if args.collect else "run"
-    table = ablate(args.grid, out_md=args.out, out_png=Path(args.out).with_suffix(".png"), mode=mode)
+    table = ablate(args.grid, out_md=args.out, out_png=Path(args.out).with_suffix(".png"), mode=mode, until=args.until)
     if table:
         print(table)
 
@@ -100,6 +100,8 @@ def main(argv=None) -> None:
     p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
                    help="e.g. --grid cam.method=cam,gradcam --grid rw.enabled=true,false")
     p.add_argument("--out", default="reports/ablation.md", help="markdown table (the plot goes beside it as .png)")
+    p.add_argument("--until", choices=STAGES, help="run each experiment only up to this stage (dvc exp run STAGE), "
+                   "e.g. random_walk to leave out the segmenter; the table shows the stages it ran")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--queue", action="store_true", help="only queue the experiments (run them with dvc queue start)")
     how.add_argument("--collect", action="store_true", help="only read experiments already run and write the table")

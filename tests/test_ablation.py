@@ -22,18 +22,44 @@ def test_unknown_param_and_bad_spec_are_named():
         parse_grid(["cam.method"])
 
 
+def _write_metrics(root, cam, crf, rw, seg, rw_enabled=True):
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics/cam.json").write_text(json.dumps({"miou": cam}))
+    (root / "metrics/crf.json").write_text(json.dumps({"miou": crf, "precision": 85.0, "coverage": 60.0, "enabled": True}))
+    (root / "metrics/rw.json").write_text(json.dumps({"miou": rw, "enabled": rw_enabled}))
+    (root / "metrics/segmenter.json").write_text(json.dumps({"miou": seg}))
+
+
 def test_row_reads_stage_metrics_and_marks_disabled_stages(tmp_path):
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics/labels.json").write_text(json.dumps(
-        {"cam": {"miou": 28.9}, "crf": {"miou": 39.2}, "rw": {"miou": 30.0, "enabled": False}}))
-    (tmp_path / "metrics/segmenter.json").write_text(json.dumps({"miou": 22.4}))
+    _write_metrics(tmp_path, 28.9, 39.2, 30.0, 22.4, rw_enabled=False)
     row = read_row({"rw.enabled": False}, tmp_path)
-    assert row == {"rw.enabled": False, "CAM": 28.9, "CRF seeds": 39.2, "random walk": "30.0 (off)",
-                   "segmenter (val)": 22.4}
+    assert row == {"rw.enabled": False, "CAM": 28.9, "CRF seeds": 39.2, "seeds precision / coverage": "85.0 / 60.0",
+                   "random walk": "30.0 (off)", "segmenter (val)": 22.4}
     table = markdown_table([row])
-    assert table.splitlines()[0] == "| rw.enabled | CAM | CRF seeds | random walk | segmenter (val) |"
-    assert "| False | 28.9 | 39.2 | 30.0 (off) | 22.4 |" in table
+    assert table.splitlines()[0] == ("| rw.enabled | CAM | CRF seeds | seeds precision / coverage | random walk | "
+                                     "segmenter (val) |")
+    assert "| False | 28.9 | 39.2 | 85.0 / 60.0 | 30.0 (off) | 22.4 |" in table
     assert _number(row["random walk"]) == (30.0, True) and _number(row["CAM"]) == (28.9, False)
+
+
+def test_until_runs_the_graph_to_a_stage_and_shows_only_the_stages_it_ran(tmp_path, monkeypatch):
+    import pipeline.ablation as ablation
+
+    _write_metrics(tmp_path, 28.9, 39.2, 30.0, 22.4)
+    assert list(read_row({}, tmp_path, until="random_walk")) == ["CAM", "CRF seeds", "seeds precision / coverage",
+                                                                "random walk"]
+    assert list(read_row({}, tmp_path, until="make_cam")) == ["CAM"]
+    assert experiment_name({"cam.training": "seam"}, "random_walk") == "abl-training_seam-until_random_walk"
+    seen = []
+
+    class Done:
+        returncode, stdout, stderr = 0, "", ""
+
+    monkeypatch.setattr(ablation.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or Done())
+    ablation.run_experiment({"cam.training": "seam"}, "x", until="make_cam")
+    assert seen[-1] == ["dvc", "exp", "run", "-n", "x", "-S", "cam.training=seam", "make_cam"]
+    with pytest.raises(ParamsError, match="unknown stage 'nope'"):
+        ablate(["cam.training=plain,seam"], repo=tmp_path, mode="collect", until="nope")
 
 
 def _git(repo, *args):
@@ -44,9 +70,7 @@ def test_experiments_are_found_by_name_on_the_current_baseline_and_read_from_git
     _git(tmp_path, "init", "-q")
     _git(tmp_path, "config", "user.email", "t@example.com")
     _git(tmp_path, "config", "user.name", "t")
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics/labels.json").write_text(json.dumps({"cam": {"miou": 1.0}}))
-    (tmp_path / "metrics/segmenter.json").write_text(json.dumps({"miou": 2.0}))
+    _write_metrics(tmp_path, 1.0, 1.5, 1.7, 2.0)
     _git(tmp_path, "add", "-A")
     _git(tmp_path, "commit", "-qm", "baseline")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
@@ -56,8 +80,7 @@ def test_experiments_are_found_by_name_on_the_current_baseline_and_read_from_git
     assert experiment_ref(name, tmp_path) is None
 
     # an experiment commit, kept where DVC keeps it: refs/exps/<baseline[:2]>/<baseline[2:]>/<name>
-    (tmp_path / "metrics/labels.json").write_text(json.dumps({"cam": {"miou": 5.0}, "rw": {"miou": 6.0, "enabled": False}}))
-    (tmp_path / "metrics/segmenter.json").write_text(json.dumps({"miou": 7.0}))
+    _write_metrics(tmp_path, 5.0, 5.5, 6.0, 7.0, rw_enabled=False)
     _git(tmp_path, "commit", "-qam", "experiment")
     _git(tmp_path, "update-ref", f"refs/exps/{head[:2]}/{head[2:]}/{name}", "HEAD")
     _git(tmp_path, "reset", "-q", "--hard", head)  # back on the baseline, workspace metrics as before
