@@ -18,6 +18,7 @@ from pipeline.labels import IGNORE_INDEX
 from pipeline.models.affinity import (affinity_checkpoint, build_affinity_net, displacement_loss, load_affinity_net,
                                       pair_labels, pair_offsets)
 from pipeline.prepare import prepare_dataset
+from pipeline.refine.affinity_training import DISPLACEMENT_LR_MULT
 from pipeline.refine.instances import (centre_clusters, converge, instance_candidates, instance_masks,
                                        instances_from_scores)
 from pipeline.store import ArraySpec, write_store
@@ -121,7 +122,8 @@ def test_training_learns_a_field_that_separates_two_objects_of_one_class():
     seeds[:, 2:10, 15:23] = 1
     offsets = pair_offsets(3)
     bg, fg, _ = pair_labels(seeds, offsets)
-    opt = torch.optim.Adam(model.displacement_head.parameters(), lr=0.01)
+    # the optimiser train_aff gives the branch (demo lr 0.05 x DISPLACEMENT_LR_MULT, momentum 0.9)
+    opt = torch.optim.SGD(model.displacement_head.parameters(), lr=0.05 * DISPLACEMENT_LR_MULT, momentum=0.9)
     model.train()
     first = None
     for _ in range(150):

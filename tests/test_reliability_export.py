@@ -314,7 +314,7 @@ def repo(tmp_path, monkeypatch):
     _git(tmp_path, "add", "README")
     _git(tmp_path, "commit", "-qm", "baseline")
     calls = []
-    monkeypatch.setattr(ablation, "run_experiment", lambda setting, name, queue=False, repo=".": calls.append(
+    monkeypatch.setattr(ablation, "run_experiment", lambda setting, name, queue=False, repo=".", until=None: calls.append(
         (name, queue)) or "")
     return tmp_path, calls
 

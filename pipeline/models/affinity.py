@@ -122,7 +122,8 @@ class AffinityNet(nn.Module):
         self.has_displacement = True  # False for a checkpoint saved before the branch existed
 
     def head_parameters(self):
-        return list(self.heads.parameters()) + list(self.mix.parameters()) + list(self.displacement_head.parameters())
+        """The affinity heads (trained at ``affinity.head_lr_mult`` x lr); not the displacement branch."""
+        return list(self.heads.parameters()) + list(self.mix.parameters())
 
     def train(self, mode: bool = True):
         super().train(mode)
