@@ -16,7 +16,8 @@ from pipeline.visual import grid, overlay, save_png
 def prepare_dataset(data: dict, out_dir: str | Path, shard_images: int = 32, source: dict | None = None) -> dict:
     """Build ``out_dir`` atomically (``<out_dir>.partial`` then rename). Returns a summary dict.
 
-    Layout: index.json, gt.zarr, skipped.json and, for the demo, demo/ (VOC layout). ``source``: the
+    Layout: index.json, gt.zarr (arrays ``mask`` and ``instance``: instance ids where the dataset has
+    instance masks, 255 everywhere where it has none), skipped.json and, for the demo, demo/ (VOC layout). ``source``: the
     dataset files' digest (:func:`pipeline.provenance.dataset_digest`), recorded in index.json so
     every resume fingerprint downstream changes when the files do.
     """
@@ -54,13 +55,16 @@ def prepare_dataset(data: dict, out_dir: str | Path, shard_images: int = 32, sou
     sizes = np.array([items[i]["size"] for i in all_ids], np.int32)
 
     def gt_batch(idx):
-        masks = []
+        masks, instances = [], []
         for i in idx:
             m = ds.load_gt(all_ids[i]) if items[all_ids[i]]["has_gt"] else None
             masks.append(m if m is not None else np.full(tuple(sizes[i]), IGNORE_INDEX, np.uint8))
-        return {"mask": masks}
+            inst = ds.load_instance_gt(all_ids[i], tuple(sizes[i])) if m is not None else None
+            instances.append(inst if inst is not None else np.full(tuple(sizes[i]), IGNORE_INDEX, np.uint8))
+        return {"mask": masks, "instance": instances}
 
-    write_store(tmp / "gt.zarr", all_ids, sizes, {"mask": ArraySpec("uint8", fill=IGNORE_INDEX)},
+    write_store(tmp / "gt.zarr", all_ids, sizes, {"mask": ArraySpec("uint8", fill=IGNORE_INDEX),
+                                                   "instance": ArraySpec("uint8", fill=IGNORE_INDEX)},
                 {"kind": "ground_truth", "class_names": ds.class_names, "stride": 1}, gt_batch,
                 shard_images=shard_images, progress="gt.zarr")
     replace_dir(tmp, out_dir)

@@ -14,7 +14,9 @@ def main() -> None:
                                                  cam_threshold=cam_best_threshold())
         m = result["metrics"]
         t.n = m["images"]
-        t.extra = f"{m['instances']} instances, mIoU of their classes {m['miou']}%"
+        ap = m["instance_quality"]["ap50"]
+        t.extra = (f"{m['instances']} instances, mIoU of their classes {m['miou']}%"
+                   + (f", mask AP50 {ap}%" if ap is not None else ""))
     write_json("metrics/instances.json", m)
     if result["gallery"] is not None:
         save_png(PLOTS / "instances" / "gallery.png", result["gallery"])

@@ -28,7 +28,7 @@ def test_same_seed_writes_identical_bytes(tmp_path):
     make(tmp_path / "a", seed=3)
     make(tmp_path / "b", seed=3)
     a, b = file_bytes(tmp_path / "a"), file_bytes(tmp_path / "b")
-    assert len(a) == 4 + 2 + 4 + 2 + 2 + 1  # images, masks, two split lists, classes.txt
+    assert len(a) == 4 + 2 + 4 + 2 + 4 + 2 + 2 + 1  # images, class masks, instance masks, two split lists, classes.txt
     assert a == b
 
 

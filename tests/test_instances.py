@@ -241,3 +241,59 @@ def test_coco_instance_export_names_a_missing_instance_store(instance_store, tmp
                    tmp_path / "out", params=s["params"], progress=False,
                    instances_store_path=tmp_path / "nowhere" / "instances.zarr")
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_instance_gt_is_kept_and_scores_a_perfect_store_at_ap_100(instance_store, tmp_path):
+    from pipeline.refine.instances import instance_ap
+    from pipeline.store import Store
+
+    s = instance_store
+    prepared = PreparedData(s["params"]["data"], s["root"] / "prepared")
+    ids = prepared.ids("train")
+    gts = {i: prepared.instance_gt(i) for i in ids}
+    assert all(g is not None for g in gts.values())
+    for i in ids:  # each GT instance is one class; instances cover exactly the objects
+        g, sem = gts[i], prepared.gt(i)
+        assert ((g > 0) == (sem > 0)).all()
+        assert all(len(np.unique(sem[g == k])) == 1 for k in np.unique(g[g > 0]))
+
+    def perfect(idx, merge=False):
+        out = {"instance": [], "mask": [], "score": []}
+        for j in idx:
+            g = gts[ids[j]].astype(np.uint16)
+            if merge:  # every object of the image as one instance of its first object's class
+                g = (g > 0).astype(np.uint16)
+            sem = prepared.gt(ids[j])
+            mask = np.where(g > 0, sem[g > 0][0] if merge and (g > 0).any() else sem, 0).astype(np.uint8)
+            out["instance"].append(g)
+            out["mask"].append(mask)
+            out["score"].append((g > 0).astype(np.float32))
+        return out
+
+    specs = {"mask": ArraySpec("uint8", fill=IGNORE_INDEX), "instance": ArraySpec("uint16"), "score": ArraySpec("float32")}
+    write_store(tmp_path / "perfect.zarr", ids, prepared.sizes(ids), specs, {}, perfect, shard_images=8)
+    q = instance_ap(prepared, Store(tmp_path / "perfect.zarr"))
+    assert q["instance_gt_images"] == len(ids) and q["gt_instances"] >= len(ids)
+    assert q["ap"] == pytest.approx(100.0) and q["ap50"] == pytest.approx(100.0)
+    write_store(tmp_path / "merged.zarr", ids, prepared.sizes(ids), specs, {},
+                lambda idx: perfect(idx, merge=True), shard_images=8)
+    assert instance_ap(prepared, Store(tmp_path / "merged.zarr"))["ap50"] < 100.0
+
+
+def test_voc_instance_masks_are_read_and_a_wrong_size_names_the_file(tmp_path):
+    from PIL import Image
+
+    from pipeline.datasets.demo import generate
+    from pipeline.datasets.imageio import DatasetError
+
+    ds = generate(tmp_path / "demo", seed=1, num_train=2, num_val=1, min_side=40, max_side=48, progress=False)
+    image_id = ds.split_ids("train")[0]
+    size = ds.load_image(image_id).shape[:2]
+    inst = ds.load_instance_gt(image_id, size)
+    assert inst.shape == size and inst.max() >= 1
+    path = tmp_path / "demo" / "SegmentationObject" / f"{image_id}.png"
+    Image.fromarray(np.zeros((5, 7), np.uint8)).save(path)
+    with pytest.raises(DatasetError, match=str(path)):
+        ds.load_instance_gt(image_id, size)
+    path.unlink()
+    assert ds.load_instance_gt(image_id, size) is None

@@ -83,6 +83,21 @@ class Dataset(ABC):
         p = self.gt_path(image_id)
         return None if p is None or not p.is_file() else read_label_png(p)
 
+    def instance_gt_path(self, image_id: str) -> Path | None:
+        """The image's instance mask file (VOC's SegmentationObject), or None."""
+        return None
+
+    def load_instance_gt(self, image_id: str, size: tuple[int, int]) -> np.ndarray | None:
+        """(H, W) uint8 instance ids (0 background, 1..n objects, 255 void), or None when there is no
+        instance mask. Used only to score instance pseudo masks."""
+        p = self.instance_gt_path(image_id)
+        if p is None or not p.is_file():
+            return None
+        m = read_label_png(p)
+        if m.shape != tuple(size):
+            raise DatasetError(f"{p}: instance mask size {m.shape[1]}x{m.shape[0]} != image size {size[1]}x{size[0]}")
+        return m
+
     # --- shared behaviour -------------------------------------------------------------
     @property
     def num_classes(self) -> int:

@@ -137,10 +137,19 @@ def _pick_classes(rng, k: int) -> list[int]:
 
 def render_image(seed: int, index: int, min_side: int, max_side: int) -> tuple[np.ndarray, np.ndarray]:
     """One demo image and its GT: ((H, W, 3) uint8 RGB, (H, W) uint8 class indices)."""
+    img, gt, _ = render_image_with_instances(seed, index, min_side, max_side)
+    return img, gt
+
+
+def render_image_with_instances(seed: int, index: int, min_side: int,
+                                max_side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One demo image, its class GT and its instance GT ((H, W) uint8: 0 background, k = the k-th
+    object drawn, as much of it as the later ones leave visible)."""
     rng = np.random.default_rng([seed, index])
     h, w = (int(rng.integers(min_side, max_side + 1)) for _ in range(2))
     img = _background(rng, h, w)
     gt = np.zeros((h, w), np.uint8)
+    inst = np.zeros((h, w), np.uint8)
     for _ in range(int(rng.integers(2, 6))):
         m = _distractor_mask(rng, h, w)
         img[m] = _texture(rng, h, w)[m]
@@ -154,16 +163,21 @@ def render_image(seed: int, index: int, min_side: int, max_side: int) -> tuple[n
             continue
         img[m] = _texture(rng, h, w)[m]
         gt[m] = cls
+        inst[m] = inst.max() + 1
     # a thin distractor occasionally crosses objects too (occlusion by clutter)
     if rng.random() < 0.3:
         m = _distractor_mask(rng, h, w)
         img[m] = _texture(rng, h, w)[m]
         gt[m] = 0
+        inst[m] = 0
     img = img + rng.normal(0, 0.03, img.shape)
     img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
     if not (gt > 0).any():  # every image carries at least one label
-        return render_image(seed, index + 1_000_003, min_side, max_side)
-    return img, gt
+        return render_image_with_instances(seed, index + 1_000_003, min_side, max_side)
+    lut = np.zeros(256, np.uint8)  # objects hidden entirely leave no gap in the ids
+    visible = np.unique(inst[inst > 0])
+    lut[visible] = np.arange(1, len(visible) + 1)
+    return img, gt, lut[inst]
 
 
 def generate(root: str | Path, seed: int, num_train: int, num_val: int, min_side: int, max_side: int,
@@ -174,7 +188,7 @@ def generate(root: str | Path, seed: int, num_train: int, num_val: int, min_side
     from pipeline.progress import progress_bar
 
     root = Path(root)
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     pal = voc_palette(256)[: len(DEMO_CLASSES)]
     splits = {"train": [f"train_{i:05d}" for i in range(num_train)], "val": [f"val_{i:05d}" for i in range(num_val)]}
@@ -182,9 +196,10 @@ def generate(root: str | Path, seed: int, num_train: int, num_val: int, min_side
         for split, ids in splits.items():
             offset = 0 if split == "train" else 10_000_000
             for i, image_id in enumerate(ids):
-                img, gt = render_image(seed, offset + i, min_side, max_side)
+                img, gt, inst = render_image_with_instances(seed, offset + i, min_side, max_side)
                 Image.fromarray(img).save(root / "JPEGImages" / f"{image_id}.jpg", quality=92)
                 write_label_png(root / "SegmentationClass" / f"{image_id}.png", gt, pal)
+                write_label_png(root / "SegmentationObject" / f"{image_id}.png", inst, voc_palette(256))
                 bar.update(1)
             (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     (root / "classes.txt").write_text("\n".join(DEMO_CLASSES) + "\n")

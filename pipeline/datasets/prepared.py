@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets.imageio import DatasetError
+from pipeline.labels import IGNORE_INDEX
 
 
 class PreparedData:
@@ -72,6 +73,14 @@ class PreparedData:
     def image(self, image_id: str) -> np.ndarray:
         """(H, W, 3) uint8 RGB."""
         return self.dataset.load_image(image_id)
+
+    def instance_gt(self, image_id: str) -> np.ndarray | None:
+        """(H, W) uint8 instance GT (0 background, 1..n objects, 255 void) or None (no instance mask,
+        or a prepared folder from before instance GT was kept). For evaluation only."""
+        if not self.has_gt(image_id) or "instance" not in self.gt_store.specs:
+            return None
+        m = self.gt_store.read("instance", image_id)
+        return None if (m == IGNORE_INDEX).all() else m
 
     def gt(self, image_id: str) -> np.ndarray | None:
         """(H, W) uint8 GT (255 = ignore) or None. For evaluation only."""

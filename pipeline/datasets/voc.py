@@ -58,6 +58,10 @@ class VOCDataset(Dataset):
         p = self.mask_dir / f"{image_id}.png"
         return p if p.is_file() else None
 
+    def instance_gt_path(self, image_id: str) -> Path | None:
+        p = self.root / "SegmentationObject" / f"{image_id}.png"
+        return p if p.is_file() else None
+
     def raw_labels(self, image_id: str):
         gt_file = self.gt_path(image_id)
         if gt_file is not None:

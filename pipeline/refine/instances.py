@@ -22,6 +22,8 @@ For one image, on the affinity grid:
 Stored per image (``data/instances.zarr``): ``instance`` (uint16, 0 = none, 1..n), ``mask`` (the
 class of each instance's pixels, 0 background, 255 unsure: a semantic pseudo mask scored against
 GT like the others) and ``score`` (each instance's score painted on its pixels, 0 elsewhere).
+Where the dataset has instance masks, ``metrics/instances.json`` holds their COCO mask AP
+(pycocotools' COCOeval, the scores ranking the instances).
 """
 from __future__ import annotations
 
@@ -196,11 +198,78 @@ def instance_counts(store) -> dict:
             "images_with_several_of_one_class": multi}
 
 
+def gt_instance_annotations(instance_gt: np.ndarray, gt: np.ndarray) -> list[dict]:
+    """COCO annotations (without ids) of an image's GT instances: each instance's class is the GT
+    class under most of its pixels (void 255 and background left out)."""
+    from pycocotools import mask as mask_utils
+
+    out = []
+    for k in np.unique(instance_gt):
+        if k in (0, IGNORE_INDEX):
+            continue
+        pixels = instance_gt == k
+        classes = gt[pixels]
+        classes = classes[(classes != 0) & (classes != IGNORE_INDEX)]
+        if not classes.size:
+            continue
+        rle = mask_utils.encode(np.asfortranarray(pixels.astype(np.uint8)))
+        out.append({"category_id": int(np.bincount(classes).argmax()), "iscrowd": 0, "area": float(pixels.sum()),
+                    "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)]})
+    return out
+
+
+def instance_ap(prepared, store) -> dict:
+    """COCO mask AP of the instance store against the prepared instance GT (images that have one),
+    with pycocotools' COCOeval: {"instance_gt_images", "gt_instances", "ap", "ap50", "ap75"} in %
+    (None without instance GT)."""
+    import contextlib
+    import io
+    import warnings
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from pipeline.export.formats import instance_annotations
+
+    images, gts, dets = [], [], []
+    for n, image_id in enumerate(store.ids, start=1):
+        inst_gt = prepared.instance_gt(image_id) if image_id in prepared else None
+        if inst_gt is None:
+            continue
+        h, w = inst_gt.shape
+        images.append({"id": n, "height": int(h), "width": int(w)})
+        for ann in gt_instance_annotations(inst_gt, prepared.gt(image_id)):
+            gts.append({"id": len(gts) + 1, "image_id": n, **ann})
+        for ann in instance_annotations(store.read("instance", image_id), store.read("mask", image_id),
+                                        store.read("score", image_id), prepared.num_classes):
+            dets.append({"image_id": n, **ann})
+    out = {"instance_gt_images": len(images), "gt_instances": len(gts), "ap": None, "ap50": None, "ap75": None}
+    if not images or not gts:
+        return out
+    if not dets:
+        return {**out, "ap": 0.0, "ap50": 0.0, "ap75": 0.0}
+    doc = {"images": images, "annotations": gts,
+           "categories": [{"id": k, "name": c} for k, c in enumerate(prepared.class_names) if k > 0]}
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+        coco = COCO()
+        coco.dataset = doc
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(dets), "segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    ap, ap50, ap75 = (round(100 * float(v), 2) for v in ev.stats[:3])
+    return {**out, "ap": ap, "ap50": ap50, "ap75": ap75}
+
+
 def make_instance_store(prepared_dir: str | Path, params: dict, cams_path: str | Path, model_path: str | Path,
                         out_path: str | Path, cam_threshold: float | None = None) -> dict:
     """What the instances stage does: instance pseudo masks for every image of the CAM store ->
     ``out_path`` (arrays instance, mask, score), per-image work through dask. Returns the metrics:
-    the semantic mIoU of ``mask`` against GT plus the instance counts."""
+    the semantic mIoU of ``mask`` against GT, the instance counts and, where the dataset has instance
+    masks (VOC's SegmentationObject, the demo), COCO mask AP (:func:`instance_ap`)."""
     from pipeline.compute import per_image_torch
     from pipeline.models.affinity import load_affinity_net
     from pipeline.provenance import file_digest, prepared_digest
@@ -230,6 +299,7 @@ def make_instance_store(prepared_dir: str | Path, params: dict, cams_path: str |
     metrics = write_scored_label_store(prepared, ids, out_path, "mask", attrs, make_instance_masks, tasks,
                                        params["compute"], "instances", extra_arrays=extra)
     metrics.update(instance_counts(Store(out_path)))
+    metrics["instance_quality"] = instance_ap(prepared, Store(out_path))
     metrics.update({"images": len(ids), "alpha": rw["alpha"], **inst})
     return metrics
 
