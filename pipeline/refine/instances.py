@@ -167,7 +167,7 @@ def make_instance_masks(task: InstanceTask) -> dict[str, np.ndarray]:
     """Worker entry (top level, picklable): loads image, CAMs and the affinity model itself."""
     from pipeline.augment import normalise
     from pipeline.models.affinity import pair_offsets
-    from pipeline.refine.random_walk import _affinity_model
+    from pipeline.refine.random_walk import cached_affinity_model
     from pipeline.refine.runner import open_prepared, read_cams
 
     if task.torch_threads:
@@ -176,7 +176,7 @@ def make_instance_masks(task: InstanceTask) -> dict[str, np.ndarray]:
     classes = present_classes(prepared.labels(task.image_id))
     cam_grid, cam_stride = read_cams(task.cams_path, task.image_id, classes)
     image = prepared.image(task.image_id)
-    model = _affinity_model(task.model_path, Path(task.model_path).stat().st_mtime_ns, task.device)
+    model = cached_affinity_model(task.model_path, task.device)
     offsets = pair_offsets(model.radius)
     with torch.no_grad():
         aff, disp = model.relations(normalise(image)[None].to(next(model.parameters()).device), offsets)

@@ -160,10 +160,15 @@ def pseudo_mask(image: np.ndarray, cam_grid: np.ndarray, cam_stride: int, classe
 
 
 @lru_cache(maxsize=2)
-def _affinity_model(path: str, stamp: int, device: str):
+def _load_cached(path: str, stamp: int, device: str):
     from pipeline.models.affinity import load_affinity_net
 
     return load_affinity_net(path, device)
+
+
+def cached_affinity_model(path: str | Path, device: str):
+    """The affinity model at ``path``, loaded once per worker process (reloaded when the file changes)."""
+    return _load_cached(str(path), Path(path).stat().st_mtime_ns, device)
 
 
 def image_affinities(model, image: np.ndarray, offsets: Offsets) -> torch.Tensor:
@@ -234,7 +239,7 @@ def make_pseudo_mask(task: WalkTask) -> np.ndarray:
         background = None if sal is None else background_score(sal)
     if not task.rw["enabled"]:
         return pseudo_mask(image, cam_grid, cam_stride, classes, task.rw, task.crf, background=background)
-    model = _affinity_model(task.model_path, Path(task.model_path).stat().st_mtime_ns, task.device)
+    model = cached_affinity_model(task.model_path, task.device)
     offsets = pair_offsets(model.radius)
     aff = image_affinities(model, image, offsets)
     return pseudo_mask(image, cam_grid, cam_stride, classes, task.rw, task.crf, aff=aff, offsets=offsets,
