@@ -19,7 +19,7 @@ log = logging.getLogger("wsss")
 STAGE_COLUMNS = [("cam", "CAM"), ("crf", "CRF seeds"), ("rw", "random walk")]
 # the stage whose metrics file fills each column (``--until`` leaves out the columns of stages after it)
 COLUMN_STAGES = {"CAM": "make_cam", "CRF seeds": "crf", "seeds precision / coverage": "crf",
-                 "random walk": "random_walk", "segmenter (val)": "evaluate"}
+                 "random walk": "random_walk", "instance AP50": "instances", "segmenter (val)": "evaluate"}
 
 
 def parse_grid(specs: Sequence[str]) -> dict[str, list]:
@@ -73,8 +73,8 @@ def experiment_name(setting: dict, until: str | None = None) -> str:
     """``{"cam.method": "gradcam", "rw.enabled": False}`` -> ``abl-method_gradcam-enabled_false``
     (``-until_<stage>`` appended for a run that stops at a stage)."""
     name = "abl-" + "-".join(f"{k.split('.')[-1]}_{_dvc_value(v)}" for k, v in setting.items())
-    name += f"-until_{until}" if until else ""
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:80]
+    suffix = f"-until_{until}" if until else ""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:80 - len(suffix)] + suffix
 
 
 def _git(args: list[str], repo) -> subprocess.CompletedProcess:
@@ -108,11 +108,13 @@ def run_experiment(setting: dict, name: str, queue: bool = False, repo: str | Pa
 
 
 def _metrics_reader(repo: Path, ref: str | None):
-    def read(path: str) -> dict:
+    def read(path: str, missing_ok: bool = False) -> dict:
         if ref is None:
             f = repo / path
             return json.loads(f.read_text()) if f.exists() else {}
         res = _git(["show", f"{ref}:{path}"], repo)
+        if res.returncode != 0 and missing_ok:  # e.g. an experiment from before the instances stage
+            return {}
         if res.returncode != 0:
             raise RuntimeError(f"experiment {ref.rsplit('/', 1)[-1]!r} has no {path} (is metrics/ ignored by git?): "
                                f"{res.stderr.strip()}")
@@ -120,14 +122,37 @@ def _metrics_reader(repo: Path, ref: str | None):
     return read
 
 
-def columns_until(until: str | None) -> list[str]:
-    """The table's metric columns for a run that stops at stage ``until`` (None: the whole graph)."""
-    from pipeline.cli import STAGES
+def upstream_stages(until: str, repo: str | Path = ".") -> set[str]:
+    """``until`` and every stage it depends on through ``dvc.yaml`` (what ``dvc exp run <until>`` runs)."""
+    stages = yaml.safe_load((Path(repo) / "dvc.yaml").read_text())["stages"]
+    if until not in stages:
+        raise ParamsError(f"ablation --until: unknown stage {until!r}; stages: {', '.join(stages)}")
 
-    if until is not None and until not in STAGES:
-        raise ParamsError(f"ablation --until: unknown stage {until!r}; stages: {', '.join(STAGES)}")
-    last = len(STAGES) if until is None else STAGES.index(until)
-    return [c for c, stage in COLUMN_STAGES.items() if STAGES.index(stage) <= last]
+    def paths(entries):
+        return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
+
+    made = {name: paths(st.get("outs")) + paths(st.get("metrics")) + paths(st.get("plots")) for name, st in stages.items()}
+    found, todo = {until}, [until]
+    while todo:
+        deps = paths(stages[todo.pop()].get("deps"))
+        for name, outs in made.items():
+            if name not in found and any(d == o or d.startswith(o.rstrip("/") + "/") for d in deps for o in outs):
+                found.add(name)
+                todo.append(name)
+    return found
+
+
+def columns_until(until: str | None, repo: str | Path = ".") -> list[str]:
+    """The table's metric columns for a run that stops at stage ``until`` (None: the whole graph):
+    those whose stage ``dvc exp run <until>`` runs."""
+    if until is None:
+        return list(COLUMN_STAGES)
+    ran = upstream_stages(until, repo)
+    columns = [c for c, stage in COLUMN_STAGES.items() if stage in ran]
+    if not columns:
+        raise ParamsError(f"ablation --until {until}: that stage and those before it measure nothing; "
+                          f"stop at make_cam or later")
+    return columns
 
 
 def read_row(setting: dict, repo: str | Path = ".", ref: str | None = None, until: str | None = None) -> dict:
@@ -140,9 +165,12 @@ def read_row(setting: dict, repo: str | Path = ".", ref: str | None = None, unti
     read = _metrics_reader(Path(repo), ref)
     files = {"CAM": "cam", "CRF seeds": "crf", "random walk": "rw"}
     row = dict(setting)
-    for title in columns_until(until):
+    for title in columns_until(until, repo):
         if title == "segmenter (val)":
             row[title] = read("metrics/segmenter.json").get("miou")
+            continue
+        if title == "instance AP50":
+            row[title] = (read("metrics/instances.json", missing_ok=True).get("instance_quality") or {}).get("ap50")
             continue
         m = read(f"metrics/{files.get(title, 'crf')}.json")
         if title == "seeds precision / coverage":
@@ -213,7 +241,7 @@ def ablate(specs: Sequence[str], out_md: str | Path = "reports/ablation.md", out
         raise ValueError(f"ablate: mode {mode!r} is not run | queue | collect")
     grid = parse_grid(specs)
     settings = combinations(grid)
-    columns_until(until)  # an unknown stage fails before anything runs
+    columns_until(until, repo)  # an unknown stage, or one that measures nothing, fails before anything runs
     repo = Path(repo)
     check_settings(settings, repo)  # every one, before the first is queued or run
     rows = []

@@ -1,11 +1,15 @@
 import json
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from pipeline.ablation import (_number, ablate, combinations, experiment_name, experiment_ref, markdown_table, parse_grid,
                                read_row)
 from pipeline.config import ParamsError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_grid_values_are_parsed_as_yaml_and_expanded_to_every_combination():
@@ -34,22 +38,31 @@ def test_row_reads_stage_metrics_and_marks_disabled_stages(tmp_path):
     _write_metrics(tmp_path, 28.9, 39.2, 30.0, 22.4, rw_enabled=False)
     row = read_row({"rw.enabled": False}, tmp_path)
     assert row == {"rw.enabled": False, "CAM": 28.9, "CRF seeds": 39.2, "seeds precision / coverage": "85.0 / 60.0",
-                   "random walk": "30.0 (off)", "segmenter (val)": 22.4}
+                   "random walk": "30.0 (off)", "instance AP50": None, "segmenter (val)": 22.4}
+    (tmp_path / "metrics/instances.json").write_text(json.dumps({"instance_quality": {"ap50": 12.5}}))
+    row = read_row({"rw.enabled": False}, tmp_path)
     table = markdown_table([row])
     assert table.splitlines()[0] == ("| rw.enabled | CAM | CRF seeds | seeds precision / coverage | random walk | "
-                                     "segmenter (val) |")
-    assert "| False | 28.9 | 39.2 | 85.0 / 60.0 | 30.0 (off) | 22.4 |" in table
+                                     "instance AP50 | segmenter (val) |")
+    assert "| False | 28.9 | 39.2 | 85.0 / 60.0 | 30.0 (off) | 12.5 | 22.4 |" in table
     assert _number(row["random walk"]) == (30.0, True) and _number(row["CAM"]) == (28.9, False)
 
 
 def test_until_runs_the_graph_to_a_stage_and_shows_only_the_stages_it_ran(tmp_path, monkeypatch):
     import pipeline.ablation as ablation
 
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")  # the columns follow the stage graph
     _write_metrics(tmp_path, 28.9, 39.2, 30.0, 22.4)
     assert list(read_row({}, tmp_path, until="random_walk")) == ["CAM", "CRF seeds", "seeds precision / coverage",
                                                                 "random walk"]
     assert list(read_row({}, tmp_path, until="make_cam")) == ["CAM"]
+    # instances does not read the pseudo masks: dvc exp run instances never runs random_walk
+    assert list(read_row({}, tmp_path, until="instances")) == ["CAM", "CRF seeds", "seeds precision / coverage",
+                                                              "instance AP50"]
+    with pytest.raises(ParamsError, match="measure nothing"):
+        ablate(["cam.training=plain,seam"], repo=tmp_path, mode="collect", until="train_cam")
     assert experiment_name({"cam.training": "seam"}, "random_walk") == "abl-training_seam-until_random_walk"
+    assert experiment_name({"cam.training_options": "x" * 100}, "make_cam").endswith("-until_make_cam")
     seen = []
 
     class Done:

@@ -109,6 +109,11 @@ def test_candidates_are_capped_by_cam_mass_and_small_instances_dropped():
     scores[1, 0, 0] = scores[2, 1:, 1:] = 0.9
     out = instances_from_scores(scores, [3, 3], min_area=0.1)  # instance 1 has 1 px of 16 < 10 %
     assert sorted(np.unique(out["instance"])) == [0, 1] and (out["mask"][1:, 1:] == 3).all()
+    assert out["mask"][0, 0] == IGNORE_INDEX and out["instance"][0, 0] == 0  # dropped: unsure, not background
+    assert (out["mask"][0, 1:] == 0).all()
+    scores[0, 1, 1] = scores[2, 1, 1] = 0.2  # top score below ignore_below: unsure, and the instance keeps id 1
+    out = instances_from_scores(scores, [3, 3], min_area=0.1, ignore_below=0.3)
+    assert out["mask"][1, 1] == IGNORE_INDEX and out["instance"][1, 1] == 0 and out["instance"][2, 2] == 1
 
 
 def test_training_learns_a_field_that_separates_two_objects_of_one_class():

@@ -18,7 +18,10 @@ checked against the source store.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import warnings
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -78,25 +81,32 @@ def read_voc(folder: str | Path, split: str | None = None) -> dict[str, np.ndarr
 
 # --- COCO -----------------------------------------------------------------------------------
 
-def mask_annotations(mask: np.ndarray, num_classes: int) -> list[dict]:
-    """One COCO annotation dict per class present in ``mask`` (without id / image_id)."""
+def rle_regions(regions: list[np.ndarray]) -> list[dict]:
+    """Binary (H, W) masks -> COCO {"segmentation" (compressed RLE), "area", "bbox", "iscrowd": 0} each."""
     from pycocotools import mask as mask_utils
 
+    if not regions:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(np.stack(regions, axis=2).astype(np.uint8)))
+    return [{"segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+             "area": float(area), "bbox": [float(v) for v in box], "iscrowd": 0}
+            for rle, area, box in zip(rles, mask_utils.area(rles), mask_utils.toBbox(rles))]
+
+
+@contextlib.contextmanager
+def quiet_pycocotools():
+    """pycocotools prints progress, and warns on every decode under numpy 2: not ours to fix."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+        yield
+
+
+def mask_annotations(mask: np.ndarray, num_classes: int) -> list[dict]:
+    """One COCO annotation dict per class present in ``mask`` (without id / image_id)."""
     present = [int(k) for k in np.unique(mask) if k != IGNORE_INDEX]
     if any(k >= num_classes for k in present):
         raise ExportError(f"mask has class {max(present)} but only {num_classes} classes are named")
-    if not present:
-        return []
-    binary = np.asfortranarray(np.stack([mask == k for k in present], axis=2).astype(np.uint8))
-    rles = mask_utils.encode(binary)
-    areas = mask_utils.area(rles)
-    boxes = mask_utils.toBbox(rles)
-    out = []
-    for k, rle, area, box in zip(present, rles, areas, boxes):
-        out.append({"category_id": k, "segmentation": {"size": [int(v) for v in rle["size"]],
-                                                        "counts": rle["counts"].decode("ascii")},
-                    "area": float(area), "bbox": [float(v) for v in box], "iscrowd": 0})
-    return out
+    return [{"category_id": k, **region} for k, region in zip(present, rle_regions([mask == k for k in present]))]
 
 
 def write_coco(out: Path, items: Iterable[tuple[str, np.ndarray]], split: str, class_names: list[str],
@@ -126,21 +136,15 @@ def write_coco(out: Path, items: Iterable[tuple[str, np.ndarray]], split: str, c
 
 def read_coco(path: str | Path) -> dict[str, np.ndarray]:
     """{image_key: mask} from a COCO export json (or its folder), decoded with pycocotools."""
-    import contextlib
-    import io
-    import warnings
-
     from pycocotools.coco import COCO
 
     path = Path(path)
     if path.is_dir():
         manifest = json.loads((path / "manifest.json").read_text())
         path = path / manifest["files"]["annotations"]
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco = COCO(str(path))
     out = {}
-    with warnings.catch_warnings():  # pycocotools + numpy 2 warn on every decode
-        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+    with quiet_pycocotools():
+        coco = COCO(str(path))
         for img_id, img in coco.imgs.items():
             mask = np.full((img["height"], img["width"]), IGNORE_INDEX, np.uint8)
             for ann in coco.loadAnns(coco.getAnnIds(imgIds=[img_id])):
@@ -171,23 +175,14 @@ def read_zarr(folder: str | Path) -> dict[str, np.ndarray]:
 
 def instance_annotations(instance: np.ndarray, mask: np.ndarray, score: np.ndarray, num_classes: int) -> list[dict]:
     """One COCO annotation dict per instance of an instance-store image (without id / image_id)."""
-    from pycocotools import mask as mask_utils
-
     ids = [int(k) for k in np.unique(instance) if k != 0]
-    if not ids:
-        return []
-    binary = np.asfortranarray(np.stack([instance == k for k in ids], axis=2).astype(np.uint8))
-    rles = mask_utils.encode(binary)
+    regions = [instance == k for k in ids]
     out = []
-    for k, rle, area, box in zip(ids, rles, mask_utils.area(rles), mask_utils.toBbox(rles)):
-        pixels = instance == k
+    for k, pixels, region in zip(ids, regions, rle_regions(regions)):
         classes = np.unique(mask[pixels])
         if len(classes) != 1 or not 0 < int(classes[0]) < num_classes:
             raise ExportError(f"instance {k} has class values {classes.tolist()}; expected one class in 1..{num_classes - 1}")
-        out.append({"category_id": int(classes[0]), "segmentation": {"size": [int(v) for v in rle["size"]],
-                                                                     "counts": rle["counts"].decode("ascii")},
-                    "area": float(area), "bbox": [float(v) for v in box], "iscrowd": 0,
-                    "score": round(float(score[pixels].max()), 5)})
+        out.append({"category_id": int(classes[0]), **region, "score": round(float(score[pixels].max()), 5)})
     return out
 
 
@@ -220,21 +215,15 @@ def write_coco_instances(out: Path, items: Iterable[tuple[str, np.ndarray, np.nd
 def read_coco_instances(path: str | Path) -> dict[str, np.ndarray]:
     """{image_key: (H, W) uint16 instance map} (annotation order, 1..n; 0 = no instance) of a
     coco_instances export json (or its folder), decoded with pycocotools."""
-    import contextlib
-    import io
-    import warnings
-
     from pycocotools.coco import COCO
 
     path = Path(path)
     if path.is_dir():
         manifest = json.loads((path / "manifest.json").read_text())
         path = path / manifest["files"]["annotations"]
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(path))
     out = {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+    with quiet_pycocotools():
+        coco = COCO(str(path))
         for img_id, img in coco.imgs.items():
             inst = np.zeros((img["height"], img["width"]), np.uint16)
             for k, ann in enumerate(coco.loadAnns(coco.getAnnIds(imgIds=[img_id])), start=1):

@@ -12,9 +12,10 @@ For one image, on the affinity grid:
    (c beats the background channel and the other classes there), the instance CAM is c's CAM
    kept on k's cells only. c's cells that reached no centre are split into connected regions, one
    instance CAM each (a field that learned nothing gives connected components). At most ``instances.max_instances`` of them, largest CAM mass first.
-3. **Walk.** The instance CAMs, with the background channel of the semantic walk ((1 - max
-   CAM)^alpha), are propagated by the same random walk and affinities as the pseudo masks
-   (:mod:`pipeline.refine.random_walk`), upsampled, and each pixel takes the argmax.
+3. **Walk.** The instance CAMs, with the CAM's background channel ((1 - max CAM)^alpha, alpha as
+   the semantic walk resolves it), are propagated by the same random walk and affinities as the
+   pseudo masks (:mod:`pipeline.refine.random_walk`), upsampled, and each pixel takes the argmax.
+   ``rw.background_cue: saliency`` and ``rw.final_crf`` apply to the pseudo masks only.
 4. **Instances.** Each non-background channel's pixels are one instance; instances smaller than
    ``instances.min_area`` of the image are dropped. An instance's score is the highest walked
    score inside it over the image's highest foreground score (in (0, 1]).
@@ -106,27 +107,29 @@ def instance_candidates(cams: np.ndarray, centres: np.ndarray, classes: Sequence
 def instances_from_scores(scores: np.ndarray, classes: Sequence[int], min_area: float,
                           ignore_below: float = 0.0) -> dict[str, np.ndarray]:
     """Walked scores (1 + M, H, W) (background first) and each channel's class -> the stored arrays
-    {"instance", "mask", "score"} (see the module docstring)."""
+    {"instance", "mask", "score"} (see the module docstring). Pixels whose top score is below
+    ``ignore_below``, and those of instances under ``min_area`` of the image, are 255 in ``mask``
+    and belong to no instance; the kept instances are numbered 1..n."""
     h, w = scores.shape[1:]
     top = scores.argmax(0)
+    if ignore_below > 0:
+        top = np.where(scores.max(0) < ignore_below, -1, top)  # unsure: 255 in mask, no instance
     instance = np.zeros((h, w), np.uint16)
-    mask = np.zeros((h, w), np.uint8)
+    mask = np.where(top < 0, IGNORE_INDEX, 0).astype(np.uint8)
     score = np.zeros((h, w), np.float32)
     fg_max = float(scores[1:].max()) if len(scores) > 1 else 0.0
     next_id = 1
     for m, cls in enumerate(classes, start=1):
         pixels = top == m
-        if pixels.sum() < max(1.0, min_area * h * w):
+        if not pixels.any():
+            continue
+        if pixels.sum() < min_area * h * w:  # too small to be an object: its pixels are unsure, not background
+            mask[pixels] = IGNORE_INDEX
             continue
         instance[pixels] = next_id
         mask[pixels] = cls
         score[pixels] = float(scores[m][pixels].max()) / fg_max if fg_max > 0 else 0.0
         next_id += 1
-    if ignore_below > 0:
-        unsure = scores.max(0) < ignore_below
-        mask[unsure] = IGNORE_INDEX
-        instance[unsure] = NO_INSTANCE
-        score[unsure] = 0.0
     return {"instance": instance, "mask": mask, "score": score}
 
 
@@ -165,9 +168,8 @@ class InstanceTask:
 
 def make_instance_masks(task: InstanceTask) -> dict[str, np.ndarray]:
     """Worker entry (top level, picklable): loads image, CAMs and the affinity model itself."""
-    from pipeline.augment import normalise
     from pipeline.models.affinity import pair_offsets
-    from pipeline.refine.random_walk import cached_affinity_model
+    from pipeline.refine.random_walk import cached_affinity_model, image_relations
     from pipeline.refine.runner import open_prepared, read_cams
 
     if task.torch_threads:
@@ -178,10 +180,9 @@ def make_instance_masks(task: InstanceTask) -> dict[str, np.ndarray]:
     image = prepared.image(task.image_id)
     model = cached_affinity_model(task.model_path, task.device)
     offsets = pair_offsets(model.radius)
-    with torch.no_grad():
-        aff, disp = model.relations(normalise(image)[None].to(next(model.parameters()).device), offsets)
-    return instance_masks(image, cam_grid, cam_stride, classes, task.rw, task.instances, aff[0].float(),
-                          disp[0].float().cpu().numpy(), offsets, model.stride)
+    aff, disp = image_relations(model, image, offsets)
+    return instance_masks(image, cam_grid, cam_stride, classes, task.rw, task.instances, aff, disp.cpu().numpy(),
+                          offsets, model.stride)
 
 
 def instance_counts(store) -> dict:
@@ -201,36 +202,28 @@ def instance_counts(store) -> dict:
 def gt_instance_annotations(instance_gt: np.ndarray, gt: np.ndarray) -> list[dict]:
     """COCO annotations (without ids) of an image's GT instances: each instance's class is the GT
     class under most of its pixels (void 255 and background left out)."""
-    from pycocotools import mask as mask_utils
+    from pipeline.export.formats import rle_regions
 
-    out = []
+    regions, classes = [], []
     for k in np.unique(instance_gt):
         if k in (0, IGNORE_INDEX):
             continue
-        pixels = instance_gt == k
-        classes = gt[pixels]
-        classes = classes[(classes != 0) & (classes != IGNORE_INDEX)]
-        if not classes.size:
-            continue
-        rle = mask_utils.encode(np.asfortranarray(pixels.astype(np.uint8)))
-        out.append({"category_id": int(np.bincount(classes).argmax()), "iscrowd": 0, "area": float(pixels.sum()),
-                    "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-                    "bbox": [float(v) for v in mask_utils.toBbox(rle)]})
-    return out
+        under = gt[instance_gt == k]
+        under = under[(under != 0) & (under != IGNORE_INDEX)]
+        if under.size:
+            regions.append(instance_gt == k)
+            classes.append(int(np.bincount(under).argmax()))
+    return [{"category_id": c, **r} for c, r in zip(classes, rle_regions(regions))]
 
 
 def instance_ap(prepared, store) -> dict:
     """COCO mask AP of the instance store against the prepared instance GT (images that have one),
     with pycocotools' COCOeval: {"instance_gt_images", "gt_instances", "ap", "ap50", "ap75"} in %
     (None without instance GT)."""
-    import contextlib
-    import io
-    import warnings
-
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from pipeline.export.formats import instance_annotations
+    from pipeline.export.formats import instance_annotations, quiet_pycocotools
 
     images, gts, dets = [], [], []
     for n, image_id in enumerate(store.ids, start=1):
@@ -241,9 +234,12 @@ def instance_ap(prepared, store) -> dict:
         images.append({"id": n, "height": int(h), "width": int(w)})
         for ann in gt_instance_annotations(inst_gt, prepared.gt(image_id)):
             gts.append({"id": len(gts) + 1, "image_id": n, **ann})
-        for ann in instance_annotations(store.read("instance", image_id), store.read("mask", image_id),
-                                        store.read("score", image_id), prepared.num_classes):
-            dets.append({"image_id": n, **ann})
+        try:
+            anns = instance_annotations(store.read("instance", image_id), store.read("mask", image_id),
+                                        store.read("score", image_id), prepared.num_classes)
+        except ValueError as e:
+            raise ValueError(f"{store.path}: image {image_id!r}: {e}") from None
+        dets.extend({"image_id": n, **ann} for ann in anns)
     out = {"instance_gt_images": len(images), "gt_instances": len(gts), "ap": None, "ap50": None, "ap75": None}
     if not images or not gts:
         return out
@@ -251,8 +247,7 @@ def instance_ap(prepared, store) -> dict:
         return {**out, "ap": 0.0, "ap50": 0.0, "ap75": 0.0}
     doc = {"images": images, "annotations": gts,
            "categories": [{"id": k, "name": c} for k, c in enumerate(prepared.class_names) if k > 0]}
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+    with quiet_pycocotools():
         coco = COCO()
         coco.dataset = doc
         coco.createIndex()

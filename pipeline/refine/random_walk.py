@@ -181,6 +181,17 @@ def image_affinities(model, image: np.ndarray, offsets: Offsets) -> torch.Tensor
         return model(x, offsets)[0].float()
 
 
+def image_relations(model, image: np.ndarray, offsets: Offsets) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W, 3) uint8 -> (affinities (P, h, w) on the model's device, displacement field (2, h, w) on
+    the CPU), one backbone pass."""
+    from pipeline.augment import normalise
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        aff, disp = model.relations(normalise(image)[None].to(device), offsets)
+    return aff[0].float(), disp[0].float().cpu()
+
+
 def affinity_separation(model_path: str | Path, prepared, ids: Sequence[str], device: str = "cpu") -> dict:
     """How well the AffinityNet separates classes, measured on GT: the mean predicted affinity of
     pixel pairs (cell centres of the affinity grid, within the training radius) whose GT classes are
