@@ -268,7 +268,8 @@ def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_par
                 **quality.summary(class_names)}
 
     revision, no_revision = git_revision_status(repo_dir)
-    inputs, no_inputs = dvc_lock_hashes_status(lock_path, [pseudo_store_path, prepared_dir])
+    inputs, no_inputs = dvc_lock_hashes_status(lock_path, [pseudo_store_path, prepared_dir] + (
+        [Path(instances_store_path)] if instances is not None else []))
     common = dict(
         dataset={"name": prepared.index.get("dataset"), "root": prepared.index.get("root"),
                  "prepared_dir": str(prepared_dir)},
@@ -317,8 +318,9 @@ def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_par
             mask_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
             if fmt == "coco_instances":
                 manifest = build_manifest(fmt=fmt, files=files, label_quality=None, **{
-                    **common, "source": {"store": str(instances_store_path), "method": instances.attrs.get("method"),
-                                         "fingerprint": instances.attrs.get("fingerprint")}})
+                    **common, "ids_count": len(instances.ids), "split": instances.attrs.get("split") or split,
+                    "source": {"store": str(instances_store_path), "method": instances.attrs.get("method"),
+                               "fingerprint": instances.attrs.get("fingerprint")}})
             else:
                 manifest = build_manifest(fmt=fmt, files=files, label_quality=label_quality(), **common)
             (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
