@@ -134,8 +134,10 @@ def write_coco(out: Path, items: Iterable[tuple[str, np.ndarray]], split: str, c
     return [rel]
 
 
-def read_coco(path: str | Path) -> dict[str, np.ndarray]:
-    """{image_key: mask} from a COCO export json (or its folder), decoded with pycocotools."""
+def _decode_coco(path: str | Path, canvas: Callable[[int, int], np.ndarray],
+                 value: Callable[[int, dict], int]) -> dict[str, np.ndarray]:
+    """{image_key: map} of a COCO json (or an export folder): each annotation's mask painted with
+    ``value(k, annotation)`` (k = 1.. in annotation order) on ``canvas(height, width)``."""
     from pycocotools.coco import COCO
 
     path = Path(path)
@@ -146,11 +148,16 @@ def read_coco(path: str | Path) -> dict[str, np.ndarray]:
     with quiet_pycocotools():
         coco = COCO(str(path))
         for img_id, img in coco.imgs.items():
-            mask = np.full((img["height"], img["width"]), IGNORE_INDEX, np.uint8)
-            for ann in coco.loadAnns(coco.getAnnIds(imgIds=[img_id])):
-                mask[coco.annToMask(ann).astype(bool)] = ann["category_id"]
-            out[img.get("image_key", img["file_name"])] = mask
+            painted = canvas(img["height"], img["width"])
+            for k, ann in enumerate(coco.loadAnns(coco.getAnnIds(imgIds=[img_id])), start=1):
+                painted[coco.annToMask(ann).astype(bool)] = value(k, ann)
+            out[img.get("image_key", img["file_name"])] = painted
     return out
+
+
+def read_coco(path: str | Path) -> dict[str, np.ndarray]:
+    """{image_key: mask} from a COCO export json (or its folder), decoded with pycocotools."""
+    return _decode_coco(path, lambda h, w: np.full((h, w), IGNORE_INDEX, np.uint8), lambda k, ann: ann["category_id"])
 
 
 # --- zarr -----------------------------------------------------------------------------------
@@ -215,21 +222,7 @@ def write_coco_instances(out: Path, items: Iterable[tuple[str, np.ndarray, np.nd
 def read_coco_instances(path: str | Path) -> dict[str, np.ndarray]:
     """{image_key: (H, W) uint16 instance map} (annotation order, 1..n; 0 = no instance) of a
     coco_instances export json (or its folder), decoded with pycocotools."""
-    from pycocotools.coco import COCO
-
-    path = Path(path)
-    if path.is_dir():
-        manifest = json.loads((path / "manifest.json").read_text())
-        path = path / manifest["files"]["annotations"]
-    out = {}
-    with quiet_pycocotools():
-        coco = COCO(str(path))
-        for img_id, img in coco.imgs.items():
-            inst = np.zeros((img["height"], img["width"]), np.uint16)
-            for k, ann in enumerate(coco.loadAnns(coco.getAnnIds(imgIds=[img_id])), start=1):
-                inst[coco.annToMask(ann).astype(bool)] = k
-            out[img.get("image_key", img["file_name"])] = inst
-    return out
+    return _decode_coco(path, lambda h, w: np.zeros((h, w), np.uint16), lambda k, ann: k)
 
 
 READERS = {"voc": read_voc, "coco": read_coco, "zarr": read_zarr, "coco_instances": read_coco_instances}

@@ -34,9 +34,8 @@ from typing import Sequence
 
 import cv2
 import numpy as np
-import torch
 
-from pipeline.labels import IGNORE_INDEX, grid_to_image, present_classes, with_background
+from pipeline.labels import IGNORE_INDEX, grid_to_image, with_background
 
 NO_INSTANCE = 0
 
@@ -170,14 +169,9 @@ def make_instance_masks(task: InstanceTask) -> dict[str, np.ndarray]:
     """Worker entry (top level, picklable): loads image, CAMs and the affinity model itself."""
     from pipeline.models.affinity import pair_offsets
     from pipeline.refine.random_walk import cached_affinity_model, image_relations
-    from pipeline.refine.runner import open_prepared, read_cams
+    from pipeline.refine.runner import task_inputs
 
-    if task.torch_threads:
-        torch.set_num_threads(task.torch_threads)
-    prepared = open_prepared(task.prepared_dir, task.data)
-    classes = present_classes(prepared.labels(task.image_id))
-    cam_grid, cam_stride = read_cams(task.cams_path, task.image_id, classes)
-    image = prepared.image(task.image_id)
+    image, classes, cam_grid, cam_stride = task_inputs(task)
     model = cached_affinity_model(task.model_path, task.device)
     offsets = pair_offsets(model.radius)
     aff, disp = image_relations(model, image, offsets)

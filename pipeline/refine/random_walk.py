@@ -19,12 +19,10 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.labels import (IGNORE_INDEX, grid_to_image, present_classes, resize_maps, to_class_labels,
-                             with_background)
+from pipeline.labels import IGNORE_INDEX, grid_to_image, resize_maps, to_class_labels, with_background
 from pipeline.models.affinity import in_bounds, shifted
 from pipeline.saliency import background_score, saliency_digest, saliency_for, saliency_map
-from pipeline.refine.runner import (open_prepared, open_store, read_cams, required_cam_threshold,
-                                    write_scored_label_store)
+from pipeline.refine.runner import open_prepared, open_store, required_cam_threshold, write_scored_label_store
 
 Offsets = Sequence[tuple[int, int]]
 
@@ -237,13 +235,9 @@ class WalkTask:
 def make_pseudo_mask(task: WalkTask) -> np.ndarray:
     """Worker entry (top level, picklable): loads image, CAMs and AffinityNet itself -> (H, W) uint8."""
     from pipeline.models.affinity import pair_offsets
+    from pipeline.refine.runner import task_inputs
 
-    if task.torch_threads:
-        torch.set_num_threads(task.torch_threads)
-    prepared = open_prepared(task.prepared_dir, task.data)
-    classes = present_classes(prepared.labels(task.image_id))
-    cam_grid, cam_stride = read_cams(task.cams_path, task.image_id, classes)
-    image = prepared.image(task.image_id)
+    image, classes, cam_grid, cam_stride = task_inputs(task)
     background = None
     if task.saliency is not None:
         sal = saliency_map(task.image_id, image, task.saliency)

@@ -59,6 +59,22 @@ def read_cams(cams_path: str | Path, image_id: str, classes: Sequence[int]) -> t
     return np.clip(cam[idx].astype(np.float32), 0.0, 1.0), int(store.specs["cam"].stride)
 
 
+def task_inputs(task) -> tuple:
+    """What every per-image worker task starts from (a task with image_id, prepared_dir, data,
+    cams_path, torch_threads): sets the worker's torch threads, returns (image, classes, cam_grid,
+    cam_stride) with the CAMs of the image's labelled classes."""
+    import torch
+
+    from pipeline.labels import present_classes
+
+    if task.torch_threads:
+        torch.set_num_threads(task.torch_threads)
+    prepared = open_prepared(task.prepared_dir, task.data)
+    classes = present_classes(prepared.labels(task.image_id))
+    cam_grid, cam_stride = read_cams(task.cams_path, task.image_id, classes)
+    return prepared.image(task.image_id), classes, cam_grid, cam_stride
+
+
 def quiet_dask_logs() -> None:
     """The stage log shows one line per stage; distributed's per-worker INFO lines drown it."""
     import logging
