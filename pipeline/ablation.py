@@ -91,6 +91,19 @@ def experiment_ref(name: str, repo: str | Path = ".") -> str | None:
     return ref if _git(["rev-parse", "--verify", "--quiet", ref], repo).returncode == 0 else None
 
 
+def restore_baseline_params(repo: str | Path = ".") -> bool:
+    """Put the baseline commit's ``params.yaml`` back in the workspace (``dvc exp run`` leaves the last
+    experiment's params there, and the next ``-S`` would stack on them). Returns whether it changed."""
+    res = _git(["show", "HEAD:params.yaml"], repo)
+    if res.returncode != 0:
+        return False  # no committed params.yaml: the experiments start from the defaults / workspace file
+    path = Path(repo) / "params.yaml"
+    if path.is_file() and path.read_text() == res.stdout:
+        return False
+    path.write_text(res.stdout)
+    return True
+
+
 def run_experiment(setting: dict, name: str, queue: bool = False, repo: str | Path = ".",
                    until: str | None = None) -> str:
     """``dvc exp run -n name -S k=v ... [until]`` (or ``--queue``); returns dvc's output."""
@@ -232,7 +245,9 @@ def ablate(specs: Sequence[str], out_md: str | Path = "reports/ablation.md", out
 
     mode ``run``: run each (one that already exists on this baseline is reused, not re-run), then
     write the table; ``queue``: only queue them (``dvc queue start`` runs them; then ``collect``);
-    ``collect``: read the experiments already run and write the table. ``until``: run the graph only
+    ``collect``: read the experiments already run and write the table. Each experiment starts from
+    the baseline commit's ``params.yaml`` (:func:`restore_baseline_params`), not from what the last
+    experiment left in the workspace. ``until``: run the graph only
     up to that stage (``dvc exp run <stage>``; e.g. ``random_walk`` leaves out the segmenter's
     training) and show only the columns of the stages it ran. Every setting is validated first
     (:func:`check_settings`): one bad value queues and runs nothing. Returns the markdown table
@@ -248,6 +263,9 @@ def ablate(specs: Sequence[str], out_md: str | Path = "reports/ablation.md", out
     for n, setting in enumerate(settings):
         name = experiment_name(setting, until)
         ref = experiment_ref(name, repo)
+        if ref is None and mode != "collect" and restore_baseline_params(repo):
+            log.info("ablation: params.yaml reset to the baseline commit's (a previous experiment's params were left "
+                     "in the workspace)")
         if mode == "queue":
             if ref is None:
                 run_experiment(setting, name, queue=True, repo=repo, until=until)

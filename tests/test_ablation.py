@@ -110,3 +110,28 @@ def test_experiments_are_found_by_name_on_the_current_baseline_and_read_from_git
     assert (tmp_path / "reports/ablation.png").stat().st_size > 0
     with pytest.raises(RuntimeError, match="abl-method_cam-enabled_false.*not found"):
         ablate(["cam.method=cam", "rw.enabled=false"], repo=tmp_path, mode="collect")
+
+
+def test_each_experiment_starts_from_the_baseline_commits_params(tmp_path, monkeypatch):
+    import pipeline.ablation as ablation
+
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "config", "user.email", "t@example.com")
+    _git(tmp_path, "config", "user.name", "t")
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    _write_metrics(tmp_path, 1.0, 1.5, 1.7, 2.0)
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "baseline")
+    baseline = (tmp_path / "params.yaml").read_text()
+    seen = []
+
+    def fake_run(setting, name, queue=False, repo=".", until=None):
+        seen.append((tmp_path / "params.yaml").read_text())
+        # what dvc exp run does: the experiment's params stay in the workspace
+        (tmp_path / "params.yaml").write_text(baseline.replace("training: plain", "training: sccam"))
+        return ""
+
+    monkeypatch.setattr(ablation, "run_experiment", fake_run)
+    (tmp_path / "params.yaml").write_text(baseline.replace("training: plain", "training: seam"))  # left over
+    ablation.ablate(["crf.background_cue=cam,saliency"], repo=tmp_path, mode="run")
+    assert len(seen) == 2 and all(text == baseline for text in seen)
