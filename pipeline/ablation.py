@@ -69,10 +69,17 @@ def _dvc_value(v) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
+def _short_key(key: str) -> str:
+    """``cam.method`` -> ``method``; a name that several namespaces have keeps its namespace
+    (``crf.enabled`` -> ``crf_enabled``), so two grids never share an experiment name."""
+    ns, _, name = key.partition(".")
+    return name if sum(name in params for params in SCHEMA.values()) == 1 else f"{ns}_{name}"
+
+
 def experiment_name(setting: dict, until: str | None = None) -> str:
-    """``{"cam.method": "gradcam", "rw.enabled": False}`` -> ``abl-method_gradcam-enabled_false``
+    """``{"cam.method": "gradcam", "rw.enabled": False}`` -> ``abl-method_gradcam-rw_enabled_false``
     (``-until_<stage>`` appended for a run that stops at a stage)."""
-    name = "abl-" + "-".join(f"{k.split('.')[-1]}_{_dvc_value(v)}" for k, v in setting.items())
+    name = "abl-" + "-".join(f"{_short_key(k)}_{_dvc_value(v)}" for k, v in setting.items())
     suffix = f"-until_{until}" if until else ""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:80 - len(suffix)] + suffix
 

@@ -63,6 +63,9 @@ def test_until_runs_the_graph_to_a_stage_and_shows_only_the_stages_it_ran(tmp_pa
         ablate(["cam.training=plain,seam"], repo=tmp_path, mode="collect", until="train_cam")
     assert experiment_name({"cam.training": "seam"}, "random_walk") == "abl-training_seam-until_random_walk"
     assert experiment_name({"cam.training_options": "x" * 100}, "make_cam").endswith("-until_make_cam")
+    # the same key name in two namespaces: two experiments, never one reused for the other
+    assert experiment_name({"crf.background_cue": "cam"}) == "abl-crf_background_cue_cam"
+    assert experiment_name({"rw.background_cue": "cam"}) == "abl-rw_background_cue_cam"
     seen = []
 
     class Done:
@@ -89,7 +92,7 @@ def test_experiments_are_found_by_name_on_the_current_baseline_and_read_from_git
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
     setting = {"cam.method": "gradcam", "rw.enabled": False}
     name = experiment_name(setting)
-    assert name == "abl-method_gradcam-enabled_false"
+    assert name == "abl-method_gradcam-rw_enabled_false"
     assert experiment_ref(name, tmp_path) is None
 
     # an experiment commit, kept where DVC keeps it: refs/exps/<baseline[:2]>/<baseline[2:]>/<name>
@@ -108,7 +111,7 @@ def test_experiments_are_found_by_name_on_the_current_baseline_and_read_from_git
     assert "| gradcam | False | 5.0 |" in table
     assert (tmp_path / "reports/ablation.md").read_text().count("| gradcam |") == 1
     assert (tmp_path / "reports/ablation.png").stat().st_size > 0
-    with pytest.raises(RuntimeError, match="abl-method_cam-enabled_false.*not found"):
+    with pytest.raises(RuntimeError, match="abl-method_cam-rw_enabled_false.*not found"):
         ablate(["cam.method=cam", "rw.enabled=false"], repo=tmp_path, mode="collect")
 
 

@@ -346,7 +346,7 @@ def test_ablate_validates_against_the_repos_params(repo):
         ablate(["cam.scale_min=0.5,2.0"], repo=path, mode="queue")
     assert calls == []
     ablate(["cam.scale_min=0.5,0.9"], repo=path, mode="queue")
-    assert calls == [("abl-scale_min_0_5", True), ("abl-scale_min_0_9", True)]
+    assert calls == [("abl-cam_scale_min_0_5", True), ("abl-cam_scale_min_0_9", True)]
 
 
 def test_ablate_cli_bad_value_is_one_line(repo, monkeypatch):
@@ -366,5 +366,5 @@ def test_ablate_accepts_values_dvc_accepts(repo):
 
     path, calls = repo
     ablate(["cam.lr=1e-3,0.02", "rw.enabled=true,false"], repo=path, mode="queue")  # 1e-3: a str to PyYAML
-    assert [c[0] for c in calls] == ["abl-lr_1e-3-enabled_true", "abl-lr_1e-3-enabled_false",
-                                     "abl-lr_0_02-enabled_true", "abl-lr_0_02-enabled_false"]
+    assert [c[0] for c in calls] == ["abl-cam_lr_1e-3-rw_enabled_true", "abl-cam_lr_1e-3-rw_enabled_false",
+                                     "abl-cam_lr_0_02-rw_enabled_true", "abl-cam_lr_0_02-rw_enabled_false"]
