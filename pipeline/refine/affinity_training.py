@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.augment import normalise, random_scale_crop_flip
-from pipeline.models.affinity import (AffinityNet, displacement_loss, pair_labels, pair_offsets,
+from pipeline.models.affinity import (AffinityNet, affinity_loss, displacement_loss, pair_labels, pair_offsets,
                                       seed_to_grid)
 from pipeline.store import Store
 
@@ -52,8 +52,7 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
                    backbone_name: str, out_path: str | Path, resume_path: str | Path | None = None) -> list[dict]:
     """Train ``model`` with the ``affinity`` params; save the checkpoint to ``out_path``; return the per-epoch history.
 
-    Loss per batch: the model's pair loss (``model.pair_loss``: :func:`affinity_loss`, on the boundary
-    logits for IRNet's model) + IRNet's displacement
+    Loss per batch: the pair loss of the affinities (:func:`affinity_loss`) + IRNet's displacement
     loss (:func:`displacement_loss`, on detached features: it trains only the displacement branch).
 
     ``resume_path``: per-epoch resume checkpoint (see :class:`pipeline.training.ResumePoint`), removed
@@ -86,8 +85,9 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
     def step(batch):
         x = images_to(batch["image"], device)
         s = batch["seed"].to(device)
+        a, d = model.relations(x, offsets)
         bg, fg, neg = pair_labels(s, offsets)
-        loss, n, d = model.training_outputs(x, offsets, bg, fg, neg)
+        loss, n = affinity_loss(a.float(), bg, fg, neg)
         for k in counts:
             counts[k] += n[k]
         return loss + displacement_loss(d.float(), bg, fg, offsets)
