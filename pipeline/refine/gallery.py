@@ -37,18 +37,10 @@ def refine_gallery(prepared, ids: Sequence[str], cams, columns: dict, alpha: flo
     return grid(rows, titles=titles, cell=cell, row_labels=list(ids))
 
 
-def instance_colours(n: int) -> np.ndarray:
-    """(n + 1, 3) uint8: black for 'no instance' (0), then well-spread hues (golden-ratio steps)."""
-    import colorsys
-
-    cols = [(0, 0, 0)] + [tuple(round(255 * c) for c in colorsys.hsv_to_rgb((k * 0.618034) % 1.0, 0.75, 0.95))
-                          for k in range(n)]
-    return np.asarray(cols, np.uint8)
-
-
 def instance_gallery(prepared, ids: Sequence[str], instances, cell: int = 128) -> np.ndarray:
     """Rows = ``ids``; columns: image, GT, the instances' classes, each instance in its own colour
     over the image, and the instance scores."""
+    from pipeline.datasets.imageio import voc_palette
     from pipeline.visual import overlay
 
     pal = prepared.palette
@@ -58,7 +50,7 @@ def instance_gallery(prepared, ids: Sequence[str], instances, cell: int = 128) -
         gt = prepared.gt(image_id)
         gt = gt if gt is not None else np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
         inst = instances.read("instance", image_id)
-        colours = instance_colours(int(inst.max()))
+        colours = voc_palette(int(inst.max()) + 1)  # 0 (no instance) black, then one colour per instance
         rows.append([image, colourise(gt, pal), colourise(instances.read("mask", image_id), pal),
                      overlay(image, inst, colours, alpha=0.7), heatmap(image, instances.read("score", image_id))])
     return grid(rows, titles=["image", "ground truth", "instance classes", "instances", "instance score"], cell=cell,

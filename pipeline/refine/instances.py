@@ -181,11 +181,12 @@ def make_instance_masks(task: InstanceTask) -> dict[str, np.ndarray]:
 
 def instance_counts(store) -> dict:
     """How many instances the store holds: total, per image, and images with two or more of one class."""
+    from pipeline.export import instance_items
+
     total, multi = 0, 0
-    for i, inst in store.iter("instance"):
+    for _, inst, mask, _ in instance_items(store):
         ids = np.unique(inst[inst != NO_INSTANCE])
         total += len(ids)
-        mask = store.read("mask", i)
         classes = [int(mask[inst == k][0]) for k in ids]
         multi += len(classes) != len(set(classes))
     n = len(store.ids)
@@ -217,10 +218,11 @@ def instance_ap(prepared, store) -> dict:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    from pipeline.export import instance_items
     from pipeline.export.formats import instance_annotations, quiet_pycocotools
 
     images, gts, dets = [], [], []
-    for n, image_id in enumerate(store.ids, start=1):
+    for n, (image_id, instance, mask, score) in enumerate(instance_items(store), start=1):
         inst_gt = prepared.instance_gt(image_id) if image_id in prepared else None
         if inst_gt is None:
             continue
@@ -229,8 +231,7 @@ def instance_ap(prepared, store) -> dict:
         for ann in gt_instance_annotations(inst_gt, prepared.gt(image_id)):
             gts.append({"id": len(gts) + 1, "image_id": n, **ann})
         try:
-            anns = instance_annotations(store.read("instance", image_id), store.read("mask", image_id),
-                                        store.read("score", image_id), prepared.num_classes)
+            anns = instance_annotations(instance, mask, score, prepared.num_classes)
         except ValueError as e:
             raise ValueError(f"{store.path}: image {image_id!r}: {e}") from None
         dets.extend({"image_id": n, **ann} for ann in anns)
