@@ -140,6 +140,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "scale_min": _num(0.7, 0.1, 4.0),
         "scale_max": _num(1.3, 0.1, 4.0),
         "head_lr_mult": _num(10.0, 0.0),
+        "boundary_lr_mult": _num(1.0, 0.0, help="rw.affinity irn: lr multiplier of the boundary heads instead of head_lr_mult (IRNet: 1; 10 diverged on the demo)"),
         "num_workers": _int(0, 0, help="data loader worker processes"),
     },
     "rw": {
@@ -242,7 +243,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "crf": {"mode": "irnet", "merge": "published", "thresholds": "fixed", "fg_threshold": 0.30,
                 "bg_threshold": 0.05, "gt_prob": 0.7, "iterations": 10, "gaussian_sxy": 3.0, "gaussian_compat": 3.0,
                 "bilateral_sxy": 50.0, "bilateral_srgb": 5.0, "bilateral_compat": 10.0},
-        "affinity": {"radius": 5, "stride": 4, "crop_size": 512, "scale_min": 0.5, "scale_max": 1.5},
+        "affinity": {"radius": 5, "stride": 4, "crop_size": 512, "scale_min": 0.5, "scale_max": 1.5, "lr": 0.1,
+                     "boundary_lr_mult": 1.0},
         "rw": {"beta": 10.0, "logt": 8, "background": "fixed", "alpha": 4.82, "affinity": "irn"},
         "seg": {"backbone": "resnet50", "weights": "imagenet", "crop_size": 321},
     },

@@ -165,6 +165,16 @@ class AffinityNet(nn.Module):
     def forward(self, x: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
         return self.pair_affinities(x, self.levels(x), offsets)
 
+    def pair_loss(self, x: torch.Tensor, levels: Sequence[torch.Tensor], offsets, bg_pos, fg_pos, neg):
+        """The pair loss of this model's affinities (:func:`affinity_loss`) -> (loss, pair counts)."""
+        return affinity_loss(self.pair_affinities(x, levels, offsets).float(), bg_pos, fg_pos, neg)
+
+    def training_outputs(self, x: torch.Tensor, offsets, bg_pos, fg_pos, neg):
+        """One backbone pass -> (pair loss, pair counts, displacement field (B, 2, h, w))."""
+        levels = self.levels(x)
+        loss, counts = self.pair_loss(x, levels, offsets, bg_pos, fg_pos, neg)
+        return loss, counts, self.displacement_head(levels, grid_size(x.shape[-2:], self.stride))
+
     def relations(self, x: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(affinities (B, P, h, w), displacement field (B, 2, h, w) in grid cells) from one backbone pass."""
         levels = self.levels(x)
@@ -193,20 +203,35 @@ class BoundaryAffinityNet(AffinityNet):
     def head_parameters(self):
         return super().head_parameters() + list(self.edge.parameters())
 
+    def boundary_logits(self, x: torch.Tensor, levels: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        return self.edge(F.relu(self.embedding(x, levels)))
+
     def boundary(self, x: torch.Tensor, levels: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        return torch.sigmoid(self.edge(F.relu(self.embedding(x, levels))))
+        return torch.sigmoid(self.boundary_logits(x, levels))
+
+    @staticmethod
+    def path_max(values: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """(B, 1, h, w) -> (B, P, h, w): the largest value on each pair's segment (0 padding outside)."""
+        h, w = values.shape[-2:]
+        r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+        padded = F.pad(values, (r, r, r, r))
+        return torch.cat([torch.stack([padded[..., r + py:r + py + h, r + px:r + px + w]
+                                       for py, px in segment_points(dy, dx)], 0).amax(0) for dy, dx in offsets], 1)
+
+    def pair_loss(self, x: torch.Tensor, levels: Sequence[torch.Tensor], offsets, bg_pos, fg_pos, neg):
+        """:func:`affinity_loss` with affinity = 1 - sigmoid(max boundary logit on the path), written on
+        the logits (-log a = softplus(z), -log(1 - a) = softplus(-z)): the same loss, but its gradient
+        does not vanish when the sigmoid saturates. Computed on the probabilities, the demo's boundary
+        map went to 0 everywhere (every affinity 1.0, walk 15.5 mIoU against 39.1) and could not come
+        back: sigmoid'(z) ~ 0 there."""
+        z = self.path_max(self.boundary_logits(x, levels), offsets).float()
+        return pair_terms(F.softplus(z), F.softplus(-z), bg_pos, fg_pos, neg)
 
     @staticmethod
     def path_affinities(boundary: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
         """(B, 1, h, w) boundary -> (B, P, h, w) = 1 - max of the boundary over each pair's segment."""
         h, w = boundary.shape[-2:]
-        r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
-        padded = F.pad(boundary, (r, r, r, r))
-        out = []
-        for dy, dx in offsets:
-            views = [padded[..., r + py:r + py + h, r + px:r + px + w] for py, px in segment_points(dy, dx)]
-            out.append(1.0 - torch.stack(views, 0).amax(0))
-        return torch.cat(out, 1) * in_bounds(h, w, offsets, boundary.device).unsqueeze(0)
+        return (1.0 - BoundaryAffinityNet.path_max(boundary, offsets)) * in_bounds(h, w, offsets, boundary.device).unsqueeze(0)
 
     def pair_affinities(self, x: torch.Tensor, levels: Sequence[torch.Tensor], offsets) -> torch.Tensor:
         return self.path_affinities(self.boundary(x, levels), offsets)
@@ -256,12 +281,17 @@ def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor,
                   eps: float = 1e-5) -> tuple[torch.Tensor, dict]:
     """PSA-style loss: mean -log(aff) over bg positives and fg positives (each weighted 1/4) and
     mean -log(1 - aff) over negatives (weighted 1/2); a term with no pairs contributes 0."""
+    return pair_terms(-torch.log(aff + eps), -torch.log(1.0 + eps - aff), bg_pos, fg_pos, neg)
+
+
+def pair_terms(pos_term: torch.Tensor, neg_term: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor,
+               neg: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """PSA's weighting of per-pair loss terms: mean ``pos_term`` over bg positives and fg positives
+    (1/4 each), mean ``neg_term`` over negatives (1/2); a term with no pairs contributes 0."""
     def mean_over(values, mask):
         n = mask.sum()
         return (values * mask).sum() / n.clamp(min=1), int(n)
 
-    pos_term = -torch.log(aff + eps)
-    neg_term = -torch.log(1.0 + eps - aff)
     bg, nbg = mean_over(pos_term, bg_pos)
     fg, nfg = mean_over(pos_term, fg_pos)
     ng, nng = mean_over(neg_term, neg)

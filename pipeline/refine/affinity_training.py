@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.augment import normalise, random_scale_crop_flip
-from pipeline.models.affinity import (AffinityNet, affinity_loss, displacement_loss, pair_labels, pair_offsets,
+from pipeline.models.affinity import (AffinityNet, displacement_loss, pair_labels, pair_offsets,
                                       seed_to_grid)
 from pipeline.store import Store
 
@@ -48,11 +48,27 @@ class SeedCrops(Dataset):
         return {"image": normalise(image), "seed": torch.from_numpy(seed_to_grid(seed, self.stride).astype(np.int64))}
 
 
+def affinity_param_groups(model: AffinityNet, aff: dict) -> list[dict]:
+    """SGD param groups: the backbone at ``affinity.lr``; the heads at ``head_lr_mult`` x lr
+    (AffinityNet) or ``boundary_lr_mult`` x lr (IRNet's boundary model: its loss on the boundary
+    logits grows linearly, and at the heads' 10x the demo's loss went to NaN in epoch 1; IRNet
+    trains its boundary branch at 1x); the displacement branch at DISPLACEMENT_LR_MULT x lr."""
+    from pipeline.training import param_groups
+
+    mult = aff["boundary_lr_mult"] if model.kind == "irn" else aff["head_lr_mult"]
+    groups = param_groups(model.backbone, model.head_parameters(), aff["lr"], aff["weight_decay"], mult)
+    disp_lr = aff["lr"] * DISPLACEMENT_LR_MULT
+    groups.append({"params": list(model.displacement_head.parameters()), "lr": disp_lr, "base_lr": disp_lr,
+                   "weight_decay": aff["weight_decay"]})
+    return groups
+
+
 def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, device: torch.device, seed: int,
                    backbone_name: str, out_path: str | Path, resume_path: str | Path | None = None) -> list[dict]:
     """Train ``model`` with the ``affinity`` params; save the checkpoint to ``out_path``; return the per-epoch history.
 
-    Loss per batch: the pair loss of the affinities (:func:`affinity_loss`) + IRNet's displacement
+    Loss per batch: the model's pair loss (``model.pair_loss``: :func:`affinity_loss`, on the boundary
+    logits for IRNet's model) + IRNet's displacement
     loss (:func:`displacement_loss`, on detached features: it trains only the displacement branch).
 
     ``resume_path``: per-epoch resume checkpoint (see :class:`pipeline.training.ResumePoint`), removed
@@ -61,7 +77,7 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
     from pipeline.provenance import prepared_digest, state_digest
     from pipeline.store import fingerprint
     from pipeline.models.affinity import save_affinity_net
-    from pipeline.training import ResumePoint, images_to, param_groups, to_device, train_loop
+    from pipeline.training import ResumePoint, images_to, to_device, train_loop
 
     offsets = pair_offsets(aff["radius"])
     data = SeedCrops(prepared, seeds, ids, aff["crop_size"], model.stride, aff["scale_min"], aff["scale_max"], seed)
@@ -69,11 +85,7 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
     loader = DataLoader(data, batch_size=aff["batch_size"], shuffle=True, drop_last=len(data) > aff["batch_size"],
                         num_workers=aff["num_workers"], generator=gen, persistent_workers=False)
     model = to_device(model, device)
-    groups = param_groups(model.backbone, model.head_parameters(), aff["lr"], aff["weight_decay"], aff["head_lr_mult"])
-    disp_lr = aff["lr"] * DISPLACEMENT_LR_MULT
-    groups.append({"params": list(model.displacement_head.parameters()), "lr": disp_lr, "base_lr": disp_lr,
-                   "weight_decay": aff["weight_decay"]})
-    opt = torch.optim.SGD(groups, lr=aff["lr"], momentum=0.9)
+    opt = torch.optim.SGD(affinity_param_groups(model, aff), lr=aff["lr"], momentum=0.9)
     resume = None
     if resume_path:
         resume = ResumePoint(resume_path, fingerprint(dict(aff), seed, backbone_name, list(ids)), "train_aff",
@@ -85,9 +97,8 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
     def step(batch):
         x = images_to(batch["image"], device)
         s = batch["seed"].to(device)
-        a, d = model.relations(x, offsets)
         bg, fg, neg = pair_labels(s, offsets)
-        loss, n = affinity_loss(a.float(), bg, fg, neg)
+        loss, n, d = model.training_outputs(x, offsets, bg, fg, neg)
         for k in counts:
             counts[k] += n[k]
         return loss + displacement_loss(d.float(), bg, fg, offsets)
