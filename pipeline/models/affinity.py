@@ -158,6 +158,7 @@ class AffinityNet(nn.Module):
         return torch.exp(-dist) * in_bounds(h, w, offsets, emb.device).unsqueeze(0)
 
     kind = "affinitynet"
+    head_lr_param = "head_lr_mult"  # the affinity param that sets its heads' lr multiplier
 
     def pair_affinities(self, x: torch.Tensor, levels: Sequence[torch.Tensor], offsets) -> torch.Tensor:
         return self.affinities(self.embedding(x, levels), offsets)
@@ -195,6 +196,7 @@ class BoundaryAffinityNet(AffinityNet):
     negatives), and the walk uses it the same way."""
 
     kind = "irn"
+    head_lr_param = "boundary_lr_mult"  # the affinity param that sets its heads' lr multiplier
 
     def __init__(self, backbone: Backbone, stride: int = 4, dims: Sequence[int] | None = None, freeze_bn: bool = True):
         super().__init__(backbone, stride, dims, freeze_bn)

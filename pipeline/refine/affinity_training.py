@@ -49,14 +49,14 @@ class SeedCrops(Dataset):
 
 
 def affinity_param_groups(model: AffinityNet, aff: dict) -> list[dict]:
-    """SGD param groups: the backbone at ``affinity.lr``; the heads at ``head_lr_mult`` x lr
-    (AffinityNet) or ``boundary_lr_mult`` x lr (IRNet's boundary model: its loss on the boundary
+    """SGD param groups: the backbone at ``affinity.lr``; the heads at the multiplier the model names
+    (``model.head_lr_param``): ``head_lr_mult`` x lr (AffinityNet) or ``boundary_lr_mult`` x lr (IRNet's boundary model: its loss on the boundary
     logits grows linearly, and at the heads' 10x the demo's loss went to NaN in epoch 1; IRNet
     trains its boundary branch at 1x); the displacement branch at DISPLACEMENT_LR_MULT x lr."""
     from pipeline.training import param_groups
 
-    mult = aff["boundary_lr_mult"] if model.kind == "irn" else aff["head_lr_mult"]
-    groups = param_groups(model.backbone, model.head_parameters(), aff["lr"], aff["weight_decay"], mult)
+    groups = param_groups(model.backbone, model.head_parameters(), aff["lr"], aff["weight_decay"],
+                          aff[model.head_lr_param])
     disp_lr = aff["lr"] * DISPLACEMENT_LR_MULT
     groups.append({"params": list(model.displacement_head.parameters()), "lr": disp_lr, "base_lr": disp_lr,
                    "weight_decay": aff["weight_decay"]})
