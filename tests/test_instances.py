@@ -150,6 +150,55 @@ def test_training_learns_a_field_that_separates_two_objects_of_one_class():
     assert (left == l_id).mean() > 0.8 and (right == r_id).mean() > 0.8
 
 
+class _Images:
+    """The one method of a prepared dataset that set_displacement_mean reads."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def image(self, image_id):
+        return self.images[image_id]
+
+
+def test_the_fields_free_constant_is_measured_after_training_subtracted_and_saved(tmp_path):
+    # the displacement loss sees only differences, so a constant added to the field costs nothing in
+    # training; IRNet removes it after training with the field's mean over the training images
+    from pipeline.models.affinity import save_affinity_net
+    from pipeline.refine.affinity_training import set_displacement_mean
+
+    torch.manual_seed(0)
+    model, _ = build_affinity_net("tiny", "none", 4)
+    rng = np.random.default_rng(0)
+    images = _Images({f"i{k}": rng.integers(0, 256, (40 + 8 * k, 56, 3), dtype=np.uint8) for k in range(3)})
+    offsets = pair_offsets(2)
+    with torch.no_grad():
+        model.displacement_head.mix[-1].bias.copy_(torch.tensor([-2.5, 0.75]))  # the drift left by training
+    mean = set_displacement_mean(model, images, list(images.images), torch.device("cpu"))
+    assert mean == pytest.approx([-2.5, 0.75], abs=1e-4)
+    for image in images.images.values():
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            disp = model.relations(x, offsets)[1][0]
+        assert disp.mean((1, 2)).abs().max() < 1e-4  # the field no longer drifts
+    save_affinity_net(tmp_path / "a.pt", model, "tiny", radius=2)
+    loaded = load_affinity_net(tmp_path / "a.pt")
+    assert loaded.displacement_head.mean.tolist() == pytest.approx([-2.5, 0.75], abs=1e-4)
+    assert loaded.has_displacement is True
+
+
+def test_a_checkpoint_saved_before_the_field_mean_existed_still_gives_instances(tmp_path, caplog):
+    from pipeline.checkpoint import save_checkpoint
+
+    model, _ = build_affinity_net("tiny", "none", 4)
+    ck = affinity_checkpoint(model, "tiny", radius=3)
+    del ck["state_dict"]["displacement_head.mean"]
+    save_checkpoint(tmp_path / "old.pt", ck)
+    loaded = load_affinity_net(tmp_path / "old.pt")
+    assert loaded.has_displacement is True
+    assert loaded.displacement_head.mean.tolist() == [0.0, 0.0]
+    assert "re-run the train_aff stage" in caplog.text
+
+
 def test_a_checkpoint_without_the_displacement_branch_loads_for_affinities_but_not_instances(tmp_path):
     from pipeline.checkpoint import save_checkpoint
     from pipeline.refine.instances import make_instance_store

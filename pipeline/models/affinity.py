@@ -15,6 +15,7 @@ falls outside the grid are 0 (and ignored by the loss and the random walk).
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 
 from pipeline.models.backbones import Backbone, build_backbone
 from pipeline.labels import IGNORE_INDEX
+
+log = logging.getLogger("wsss")
 
 
 def pair_offsets(radius: int) -> list[tuple[int, int]]:
@@ -67,7 +70,13 @@ class DisplacementHead(nn.Module):
     """IRNet's displacement field branch: a 1x1 conv (GroupNorm, ReLU) per backbone level on the
     *detached* features, resized to the grid, concatenated, then two 3x3 convs -> (B, 2, h, w), the
     (dy, dx) from each cell to its instance's centre, in grid cells. Its last conv starts at zero
-    (every cell its own centre)."""
+    (every cell its own centre).
+
+    The loss (:func:`displacement_loss`) sees only differences D(i) - D(j), so training leaves the
+    field's constant free (the demo's came out at about (-2.1, +0.4) cells: every point drifted to
+    the top border). As IRNet does, train_aff measures the field's mean over the training images
+    after training (:func:`pipeline.refine.affinity_training.set_displacement_mean`) and the buffer
+    ``mean`` subtracts it from then on, so the background stays put."""
 
     def __init__(self, channels: Sequence[int], dims: Sequence[int]):
         super().__init__()
@@ -79,6 +88,7 @@ class DisplacementHead(nn.Module):
                                  nn.ReLU(inplace=True), nn.Conv2d(total, 2, 3, padding=1))
         nn.init.zeros_(self.mix[-1].weight)
         nn.init.zeros_(self.mix[-1].bias)
+        self.register_buffer("mean", torch.zeros(2))
 
     def forward(self, feats: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         parts = []
@@ -87,7 +97,7 @@ class DisplacementHead(nn.Module):
             if f.shape[-2:] != size:
                 f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
             parts.append(f)
-        return self.mix(torch.cat(parts, 1))
+        return self.mix(torch.cat(parts, 1)) - self.mean.view(1, 2, 1, 1)
 
 
 class AffinityNet(nn.Module):
@@ -360,6 +370,10 @@ def load_affinity_net(path: str | Path, device: torch.device | str = "cpu") -> A
     if unexpected or any(not k.startswith("displacement_head.") for k in missing):
         raise ValueError(f"{path}: does not match the {kind} model (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}); re-run the train_aff stage")
-    model.has_displacement = not missing  # saved before the displacement branch: affinities only
+    branch_missing = [k for k in missing if k != "displacement_head.mean"]
+    model.has_displacement = not branch_missing  # saved before the displacement branch: affinities only
+    if model.has_displacement and missing:
+        log.warning("%s: saved without the displacement field's mean (before it was measured); its field "
+                    "keeps its constant offset and instances may merge; re-run the train_aff stage", path)
     model.radius = int(ck["radius"])
     return model.to(device).eval()

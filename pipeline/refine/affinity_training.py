@@ -110,10 +110,35 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
     history = train_loop(model, loader, step, opt, aff["epochs"], device, "train_aff",
                          on_epoch_start=lambda epoch: setattr(data, "epoch", epoch), on_epoch_end=epoch_end,
                          resume=resume)
+    mean = set_displacement_mean(model, prepared, ids, device)
+    log.info("train_aff: displacement field mean (dy, dx) = (%.3f, %.3f) grid cells over %d training images, "
+             "subtracted from now on", mean[0], mean[1], len(ids))
     save_affinity_net(out_path, model.cpu(), backbone_name, aff["radius"], {"params": dict(aff), "pairs": dict(counts)})
     if resume:
         resume.clear()
     return history
+
+
+def set_displacement_mean(model: AffinityNet, prepared, ids, device: torch.device) -> list[float]:
+    """IRNet's last step of training: the displacement field is learnt only up to a constant (its loss
+    sees differences), so its mean over the training images (each whole image, eval mode, every
+    image weighted alike) is stored in ``model.displacement_head.mean``, which the branch subtracts
+    from then on. Returns the mean (dy, dx) in grid cells."""
+    from pipeline.models.affinity import grid_size
+    from pipeline.progress import progress_bar
+
+    head = model.displacement_head
+    head.mean.zero_()
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad(), progress_bar(len(ids), "displacement mean", unit="img") as bar:
+        for image_id in ids:
+            x = normalise(prepared.image(image_id))[None].to(device)
+            d = head(model.levels(x), grid_size(x.shape[-2:], model.stride))
+            total += d.double().mean((0, 2, 3)).cpu()
+            bar.update(1)
+    head.mean.copy_((total / max(len(ids), 1)).to(head.mean.dtype))
+    return [float(v) for v in head.mean]
 
 
 def train_and_save(prepared_dir: str | Path, params: dict, seeds_path: str | Path, classifier_path: str | Path,
@@ -132,5 +157,6 @@ def train_and_save(prepared_dir: str | Path, params: dict, seeds_path: str | Pat
     history = train_affinity(model, open_prepared(prepared_dir, params["data"]), seeds, seeds.ids, aff, device,
                              params["compute"]["seed"], backbone_name, checkpoint, resume_path)
     return {"history": history, "metrics": {"train_images": len(seeds.ids), "epochs": aff["epochs"], "model": model.kind,
+                                            "displacement_mean": [round(v, 4) for v in model.displacement_head.mean.tolist()],
                                             "final_loss": round(history[-1]["loss"], 5)}}
 
