@@ -73,8 +73,8 @@ class DisplacementHead(nn.Module):
     (every cell its own centre).
 
     The loss (:func:`displacement_loss`) sees only differences D(i) - D(j), so training leaves the
-    field's constant free (the demo's came out at about (-2.1, +0.4) cells: every point drifted to
-    the top border). As IRNet does, train_aff measures the field's mean over the training images
+    field's constant free (the demo's came out at about (-2.1, +0.3) cells, where the background
+    should read 0). As IRNet does, train_aff measures the field's mean over the training images
     after training (:func:`pipeline.refine.affinity_training.set_displacement_mean`) and the buffer
     ``mean`` subtracts it from then on, so the background stays put."""
 
