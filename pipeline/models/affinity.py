@@ -76,7 +76,7 @@ class DisplacementHead(nn.Module):
     field's constant free (the demo's came out at about (-2.1, +0.3) cells, where the background
     should read 0). As IRNet does, train_aff measures the field's mean over the training images
     after training (:func:`pipeline.refine.affinity_training.set_displacement_mean`) and the buffer
-    ``mean`` subtracts it from then on, so the background stays put."""
+    ``mean`` subtracts it from then on, so the background's field is about zero."""
 
     def __init__(self, channels: Sequence[int], dims: Sequence[int]):
         super().__init__()
@@ -374,6 +374,6 @@ def load_affinity_net(path: str | Path, device: torch.device | str = "cpu") -> A
     model.has_displacement = not branch_missing  # saved before the displacement branch: affinities only
     if model.has_displacement and missing:
         log.warning("%s: saved without the displacement field's mean (before it was measured); its field "
-                    "keeps its constant offset and instances may merge; re-run the train_aff stage", path)
+                    "keeps the constant offset IRNet subtracts; re-run the train_aff stage", path)
     model.radius = int(ck["radius"])
     return model.to(device).eval()
