@@ -50,9 +50,10 @@ class SeedCrops(Dataset):
 
 def affinity_param_groups(model: AffinityNet, aff: dict) -> list[dict]:
     """SGD param groups: the backbone at ``affinity.lr``; the heads at the multiplier the model names
-    (``model.head_lr_param``): ``head_lr_mult`` x lr (AffinityNet) or ``boundary_lr_mult`` x lr (IRNet's boundary model: its loss on the boundary
-    logits grows linearly, and at the heads' 10x the demo's loss went to NaN in epoch 1; IRNet
-    trains its boundary branch at 1x); the displacement branch at DISPLACEMENT_LR_MULT x lr."""
+    (``model.head_lr_param``): ``head_lr_mult`` x lr (AffinityNet) or ``boundary_lr_mult`` x lr
+    (IRNet's boundary model: its loss on the boundary logits grows linearly, and at the heads' 10x
+    the demo's loss went to NaN in epoch 1; IRNet trains its boundary branch at 1x); the
+    displacement branch at DISPLACEMENT_LR_MULT x lr."""
     from pipeline.training import param_groups
 
     groups = param_groups(model.backbone, model.head_parameters(), aff["lr"], aff["weight_decay"],
@@ -157,6 +158,5 @@ def train_and_save(prepared_dir: str | Path, params: dict, seeds_path: str | Pat
     history = train_affinity(model, open_prepared(prepared_dir, params["data"]), seeds, seeds.ids, aff, device,
                              params["compute"]["seed"], backbone_name, checkpoint, resume_path)
     return {"history": history, "metrics": {"train_images": len(seeds.ids), "epochs": aff["epochs"], "model": model.kind,
-                                            "displacement_mean": [round(v, 4) for v in model.displacement_head.mean.tolist()],
                                             "final_loss": round(history[-1]["loss"], 5)}}
 
