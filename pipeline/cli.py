@@ -6,7 +6,7 @@ import runpy
 import sys
 from pathlib import Path
 
-STAGES = ["prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "instances", "train_seg", "evaluate", "export"]
+STAGES = ["prepare", "saliency", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "instances", "train_seg", "evaluate", "export"]
 
 
 def _params(args):
@@ -33,6 +33,21 @@ def _export(args):
                          label_metrics=read_json(args.metrics), nest=len(formats) > 1,
                          instances_store_path=args.instances)
     print(f"exported {summary['count']} masks as {', '.join(formats)} to {summary['out_dir']}")
+
+
+def _saliency(args):
+    from pipeline.compute import resolve_device
+    from pipeline.config import load_params
+    from pipeline.progress import setup_logging
+    from pipeline.saliency import write_saliency_pngs
+
+    setup_logging()
+    params = load_params(args.params)
+    split = args.split or params["data"]["train_split"]
+    summary = write_saliency_pngs(args.prepared, params["data"], params["saliency"], args.out, split,
+                                  store_path=args.store, device=str(resolve_device(params["compute"]["device"])))
+    print(f"wrote {summary['count']} {params['saliency']['source']} saliency maps of split {split} to "
+          f"{summary['out_dir']} (from {summary['from']})")
 
 
 def _ablate(args):
@@ -95,6 +110,14 @@ def main(argv=None) -> None:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--metrics", default="metrics/labels.json", help="label-quality metrics to put in the manifest")
     p.set_defaults(fn=_export)
+
+    p = sub.add_parser("saliency", help="write saliency.source's maps of the prepared data as grey PNGs <id>.png")
+    p.add_argument("--out", required=True, help="output folder (reuse it with saliency.source: folder)")
+    p.add_argument("--split", default=None, help="split to write (default data.train_split)")
+    p.add_argument("--store", default="data/saliency.zarr", help="read the maps from this store when it holds them")
+    p.add_argument("--prepared", default="data/prepared")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(fn=_saliency)
 
     p = sub.add_parser("ablate", help="run a grid of DVC experiments and print a per-stage mIoU table")
     p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",

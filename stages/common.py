@@ -11,6 +11,7 @@ DATASET_DIGEST = Path("data/dataset_digest.json")
 DIGEST_CACHE = Path("data/.dataset_digest_cache.json")  # (size, mtime) -> sha256 of each dataset file
 SALIENCY_DIGEST = Path("data/saliency_digest.json")
 SALIENCY_CACHE = Path("data/.saliency_digest_cache.json")
+SALIENCY = Path("data/saliency.zarr")
 PREPARED = Path("data/prepared")
 CAM_MODEL = Path("models/cam")
 CAMS = Path("data/cams.zarr")

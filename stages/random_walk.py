@@ -3,14 +3,14 @@ from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
 from pipeline.refine.random_walk import make_pseudo_masks
 from pipeline.visual import save_png
-from stages.common import AFF_MODEL, CAMS, PLOTS, PREPARED, PSEUDO, SEEDS, cam_best_threshold, start
+from stages.common import AFF_MODEL, CAMS, PLOTS, PREPARED, PSEUDO, SALIENCY, SEEDS, cam_best_threshold, start
 
 
 def main() -> None:
     params = start("random_walk")
     with stage_timer("random_walk") as t:
         result = make_pseudo_masks(PREPARED, params, CAMS, AFF_MODEL / "affinity.pt", PSEUDO, SEEDS,
-                                   cam_threshold=cam_best_threshold())
+                                   cam_threshold=cam_best_threshold(), saliency_store=SALIENCY)
         m = result["metrics"]
         t.n = m["images"]
         t.extra = f"{'random walk' if params['rw']['enabled'] else 'disabled: CAM labels'}, mIoU {m['miou']}%"

@@ -21,8 +21,9 @@ import torch
 
 from pipeline.labels import IGNORE_INDEX, grid_to_image, resize_maps, to_class_labels, with_background
 from pipeline.models.affinity import in_bounds, shifted
-from pipeline.saliency import background_score, saliency_digest, saliency_for, saliency_map
-from pipeline.refine.runner import open_prepared, open_store, required_cam_threshold, write_scored_label_store
+from pipeline.saliency import read_saliency, saliency_for, walk_background
+from pipeline.refine.runner import (open_prepared, open_store, required_cam_threshold, saliency_store_fingerprint,
+                                    write_scored_label_store)
 
 Offsets = Sequence[tuple[int, int]]
 
@@ -229,7 +230,8 @@ class WalkTask:
     crf: dict
     device: str = "cpu"
     torch_threads: int = 0
-    saliency: dict | None = None  # the saliency params when rw.background_cue is saliency
+    saliency: dict | None = None  # the saliency params when rw.background_cue uses saliency
+    saliency_store: str | None = None  # the saliency stage's store (data/saliency.zarr) then
 
 
 def make_pseudo_mask(task: WalkTask) -> np.ndarray:
@@ -240,8 +242,10 @@ def make_pseudo_mask(task: WalkTask) -> np.ndarray:
     image, classes, cam_grid, cam_stride = task_inputs(task)
     background = None
     if task.saliency is not None:
-        sal = saliency_map(task.image_id, image, task.saliency)
-        background = None if sal is None else background_score(sal)
+        sal = read_saliency(task.saliency_store, task.image_id)
+        if sal is not None:
+            cam_background = with_background(grid_to_image(cam_grid, image.shape[:2], cam_stride), task.rw["alpha"])[0]
+            background = walk_background(task.rw["background_cue"], sal, cam_background, task.saliency)
     if not task.rw["enabled"]:
         return pseudo_mask(image, cam_grid, cam_stride, classes, task.rw, task.crf, background=background)
     model = cached_affinity_model(task.model_path, task.device)
@@ -272,12 +276,14 @@ def resolve_background(rw: dict, cam_threshold: float | None) -> dict:
 
 def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Path, model_path: str | Path | None,
                       out_path: str | Path, rw: dict, crf: dict, compute: dict,
-                      cam_threshold: float | None = None, saliency: dict | None = None) -> dict:
+                      cam_threshold: float | None = None, saliency: dict | None = None,
+                      saliency_store: str | Path | None = None) -> dict:
     """Pseudo masks for every image of the CAM store -> ``out_path`` (array "mask").
 
     Per-image work (AffinityNet forward + walk) runs through the dask helper; each worker process
     loads the model once (device and threads: :func:`pipeline.compute.per_image_torch`). ``cam_threshold``: the CAM sweep's best threshold, for ``rw.background:
-    cam_sweep``; ``saliency``: the saliency params, used when ``rw.background_cue`` is ``saliency``.
+    cam_sweep``; ``saliency``: the saliency params, used when ``rw.background_cue`` uses saliency,
+    with the maps of ``saliency_store`` (the saliency stage's store).
     Returns the metrics dict (ConfusionMatrix summary + run facts).
     """
     from pipeline.compute import per_image_torch
@@ -301,10 +307,10 @@ def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Pat
               "affinity_model": file_digest(model_path) if rw["enabled"] else None}
     sal = saliency_for(rw.get("background_cue", "cam"), saliency, "rw.background_cue")
     if sal is not None:
-        inputs["saliency"] = saliency_digest(sal)["digest"]
+        inputs["saliency"] = saliency_store_fingerprint(saliency_store, "rw.background_cue")
     device, threads = per_image_torch(compute)
     tasks = [WalkTask(i, str(prepared_dir), data, str(cams_path), str(model_path) if model_path else None, rw, crf,
-                      device, threads, sal) for i in ids]
+                      device, threads, sal, str(saliency_store) if sal else None) for i in ids]
     attrs = {"kind": "pseudo_masks", "class_names": prepared.class_names, "stride": 1, "split": split,
              "params": {"rw": rw, "crf": crf if rw["final_crf"] else None, "saliency": sal}, **model_meta,
              "method": "random_walk" if rw["enabled"] else "cam",
@@ -322,7 +328,7 @@ SEPARATION_IMAGES = 64  # images the affinity diagnostic looks at (GT pairs: sam
 
 def make_pseudo_masks(prepared_dir: str | Path, params: dict, cams_path: str | Path, model_path: str | Path,
                       out_path: str | Path, seeds_path: str | Path | None = None,
-                      cam_threshold: float | None = None) -> dict:
+                      cam_threshold: float | None = None, saliency_store: str | Path | None = None) -> dict:
     """What the random_walk stage does: :func:`make_pseudo_store`, the affinity separation diagnostic
     (walk on) and the gallery (with the seeds column when ``seeds_path`` exists).
     Returns {"metrics", "gallery" (an RGB array or None)}."""
@@ -330,7 +336,8 @@ def make_pseudo_masks(prepared_dir: str | Path, params: dict, cams_path: str | P
 
     rw = params["rw"]
     metrics = make_pseudo_store(prepared_dir, params["data"], cams_path, model_path, out_path, rw, params["crf"],
-                                params["compute"], cam_threshold=cam_threshold, saliency=params["saliency"])
+                                params["compute"], cam_threshold=cam_threshold, saliency=params["saliency"],
+                                saliency_store=saliency_store)
     prepared, pseudo = open_prepared(prepared_dir, params["data"]), open_store(out_path)
     if rw["enabled"]:
         metrics["affinity_separation"] = affinity_separation(model_path, prepared, pseudo.ids[:SEPARATION_IMAGES])

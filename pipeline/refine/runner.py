@@ -49,6 +49,14 @@ def open_store(path: str | Path):
     return _store_cached(str(path), stamp)
 
 
+def saliency_store_fingerprint(path: str | Path | None, param: str) -> str:
+    """The fingerprint of the saliency store a stage reads (its resume key); a clear error when the
+    saliency stage has not written it."""
+    if path is None or not (Path(path) / "zarr.json").is_file():
+        raise FileNotFoundError(f"param {param}: the saliency maps are not there ({path}); run the saliency stage")
+    return open_store(path).attrs.get("fingerprint")
+
+
 def read_cams(cams_path: str | Path, image_id: str, classes: Sequence[int]) -> tuple[np.ndarray, int]:
     """The CAMs of ``classes`` for one image: ((K, gh, gw) float32 in [0, 1], grid stride)."""
     store = open_store(cams_path)

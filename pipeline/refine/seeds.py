@@ -36,10 +36,10 @@ import numpy as np
 
 from pipeline.labels import IGNORE_INDEX, grid_to_image, present_classes, to_class_labels, with_background
 from pipeline.refine.runner import (open_prepared, open_store, read_cams, required_cam_threshold,
-                                    write_scored_label_store)
+                                    saliency_store_fingerprint, write_scored_label_store)
 from pipeline.refine.crf import CrfSettings, crf_argmax, label_crf
 from pipeline.registry import REFINERS, check_options
-from pipeline.saliency import saliency_digest, saliency_for, saliency_map, seeds_with_saliency
+from pipeline.saliency import read_saliency, saliency_for, seeds_with_saliency
 
 
 MERGE_RULES = ("published", "agree")
@@ -153,6 +153,7 @@ class SeedTask:
     cams_path: str
     crf: dict
     saliency: dict | None = None  # the saliency params when crf.background_cue is saliency
+    saliency_store: str | None = None  # the saliency stage's store (data/saliency.zarr) then
 
 
 _MAKERS: dict[str, SeedMaker] = {}
@@ -181,19 +182,21 @@ def make_seed(task: SeedTask) -> np.ndarray:
         raise ValueError(f"seed maker {task.crf['mode']!r} returned shape {seed.shape} for image {task.image_id!r} "
                          f"of size {image.shape[:2]}")
     if task.saliency is not None:
-        sal = saliency_map(task.image_id, image, task.saliency)
+        sal = read_saliency(task.saliency_store, task.image_id)
         if sal is not None:
-            seed = seeds_with_saliency(seed, sal, task.saliency)
+            cams = grid_to_image(cam_grid, image.shape[:2], stride) if task.saliency.get("seed_rule") == "guided" else None
+            seed = seeds_with_saliency(seed, sal, task.saliency, cams, classes)
     return np.ascontiguousarray(seed, dtype=np.uint8)
 
 
 def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path, out_path: str | Path, crf: dict,
                     compute: dict, split: str | None = None, cam_threshold: float | None = None,
-                    saliency: dict | None = None) -> dict:
+                    saliency: dict | None = None, saliency_store: str | Path | None = None) -> dict:
     """Seeds for every image of the CAM store's split -> ``out_path`` (array "seed").
 
     ``cam_threshold``: the CAM sweep's best threshold, for ``crf.thresholds: cam_sweep``;
-    ``saliency``: the saliency params, used when ``crf.background_cue`` is ``saliency``.
+    ``saliency``: the saliency params, used when ``crf.background_cue`` is ``saliency``, with the
+    maps of ``saliency_store`` (the saliency stage's store).
 
     Per-image work runs through ``pipeline.compute.dask_client(compute.scheduler, compute.workers)``;
     shards are written as they finish (an interrupted run resumes). Returns the metrics dict:
@@ -209,10 +212,11 @@ def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path,
     if crf["enabled"]:
         seed_maker(crf)  # fail early on a bad crf.mode
     sal = saliency_for(crf.get("background_cue", "cam"), saliency, "crf.background_cue")
-    tasks = [SeedTask(i, str(prepared_dir), data, str(cams_path), crf, sal) for i in ids]
     inputs = {"cams": cams.attrs.get("fingerprint"), "prepared": prepared_digest(prepared_dir)}
     if sal is not None:
-        inputs["saliency"] = saliency_digest(sal)["digest"]
+        inputs["saliency"] = saliency_store_fingerprint(saliency_store, "crf.background_cue")
+    tasks = [SeedTask(i, str(prepared_dir), data, str(cams_path), crf, sal, str(saliency_store) if sal else None)
+             for i in ids]
     attrs = {"kind": "seeds", "class_names": prepared.class_names, "stride": 1, "split": split,
              "params": {**crf, **({"saliency": sal} if sal else {})}, "method": crf["mode"] if crf["enabled"] else "threshold",
              "cams_fingerprint": cams.attrs.get("fingerprint"), "inputs": inputs}
@@ -225,14 +229,14 @@ def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path,
 
 
 def make_seeds(prepared_dir: str | Path, params: dict, cams_path: str | Path, out_path: str | Path,
-               cam_threshold: float | None = None) -> dict:
+               cam_threshold: float | None = None, saliency_store: str | Path | None = None) -> dict:
     """What the crf stage does: :func:`make_seed_store` plus the gallery of its first images.
     Returns {"metrics", "gallery" (an RGB array or None)}."""
     from pipeline.refine.gallery import refine_gallery
 
     crf = params["crf"]
     metrics = make_seed_store(prepared_dir, params["data"], cams_path, out_path, crf, params["compute"],
-                              cam_threshold=cam_threshold, saliency=params["saliency"])
+                              cam_threshold=cam_threshold, saliency=params["saliency"], saliency_store=saliency_store)
     seeds = open_store(out_path)
     ids = seeds.ids[: params["data"]["gallery_ids"]]
     picture = (refine_gallery(open_prepared(prepared_dir, params["data"]), ids, open_store(cams_path),

@@ -1,0 +1,21 @@
+"""Stage saliency: data/prepared -> data/saliency.zarr (one map per train image of saliency.source), metrics/saliency.json."""
+from pipeline.compute import resolve_device
+from pipeline.metrics import write_json
+from pipeline.progress import stage_timer
+from pipeline.saliency import make_saliency_store
+from stages.common import PREPARED, SALIENCY, start
+
+
+def main() -> None:
+    params = start("saliency")
+    device = str(resolve_device(params["compute"]["device"]))
+    with stage_timer("saliency") as t:
+        m = make_saliency_store(PREPARED, params["data"], params["saliency"], params["compute"], SALIENCY, device=device)
+        t.n = m["images"]
+        t.extra = (f"source {m['source']}, foreground IoU {m['foreground_iou']}%, background IoU {m['background_iou']}% "
+                   f"(threshold {m['threshold']})")
+    write_json("metrics/saliency.json", m)
+
+
+if __name__ == "__main__":
+    main()
