@@ -13,8 +13,8 @@ def main() -> None:
                                 resume_file(AFF_MODEL), device)
         m = result["metrics"]
         t.n = m["train_images"] * m["epochs"]
-        t.extra = f"final loss {m['final_loss']:.4f}"
-    write_csv(PLOTS / "train_aff" / "history.csv", result["history"])
+        t.extra = f"final loss {m['final_loss']:.4f}" if m["final_loss"] is not None else "no training (rw.affinity features)"
+    write_csv(PLOTS / "train_aff" / "history.csv", result["history"], columns=None if result["history"] else ["epoch", "loss"])
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def repo(tmp_path_factory):
 
 def test_repro_runs_every_stage_then_crf_ablation_reruns_only_downstream(repo):
     out = _run(["dvc", "repro"], repo)
-    assert _ran(out) == {"prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "instances",
+    assert _ran(out) == {"prepare", "saliency", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "instances",
                          "train_seg", "evaluate", "export"}
     inst = json.loads((repo / "metrics/instances.json").read_text())
     assert inst["instances"] > 0 and inst["images"] > 0
@@ -110,6 +110,13 @@ SWITCHES = [
     ("crf.background_cue=saliency", {"crf", "train_aff", "random_walk"}, {"prepare", "train_cam", "make_cam"}),
     ("rw.background_cue=saliency", {"random_walk", "train_seg", "evaluate"},
      {"prepare", "train_cam", "make_cam", "crf", "train_aff"}),
+    ("saliency.source=u2netp", {"saliency", "crf", "random_walk"}, {"prepare", "train_cam", "make_cam"}),
+    ("saliency.seed_rule=guided", {"crf", "train_aff", "random_walk"}, {"prepare", "saliency", "train_cam", "make_cam"}),
+    ("rw.background_cue=saliency_cam", {"random_walk", "train_seg"},
+     {"prepare", "saliency", "train_cam", "make_cam", "crf", "train_aff"}),
+    ("rw.affinity=features", {"train_aff", "random_walk", "instances"}, {"prepare", "saliency", "train_cam", "make_cam", "crf"}),
+    ("rw.colour_sigma=20", {"random_walk"}, {"prepare", "saliency", "train_cam", "make_cam", "crf", "train_aff"}),
+    ("rw.affinity=mix", {"train_aff", "random_walk"}, {"prepare", "saliency", "train_cam", "make_cam", "crf"}),
     ("cam.training=seam", {"train_cam", "make_cam", "crf"}, {"prepare"}),
     ("rw.affinity=irn", {"train_aff", "random_walk"}, {"prepare", "train_cam", "make_cam", "crf"}),
     ("seg.weights=classifier", {"train_seg", "evaluate"},

@@ -149,14 +149,37 @@ def train_and_save(prepared_dir: str | Path, params: dict, seeds_path: str | Pat
     ``checkpoint``, clear the resume file.
     Returns {"history", "metrics"}."""
     from pipeline.models.affinity import build_affinity_net
+    from pipeline.refine.feature_affinity import TRAINED_KINDS
     from pipeline.refine.runner import open_prepared
 
     aff = params["affinity"]
     seeds = Store(seeds_path)
+    if params["rw"]["affinity"] == "features":
+        return save_untrained_backbone(params, classifier_path, checkpoint, len(seeds.ids))
     model, backbone_name = build_affinity_net(params["cam"]["backbone"], aff["init"], aff["stride"], classifier_path,
-                                              aff["embed_dim"], aff["frozen_levels"], params["rw"]["affinity"])
+                                              aff["embed_dim"], aff["frozen_levels"],
+                                              TRAINED_KINDS.get(params["rw"]["affinity"], params["rw"]["affinity"]))
     history = train_affinity(model, open_prepared(prepared_dir, params["data"]), seeds, seeds.ids, aff, device,
                              params["compute"]["seed"], backbone_name, checkpoint, resume_path)
     return {"history": history, "metrics": {"train_images": len(seeds.ids), "epochs": aff["epochs"], "model": model.kind,
                                             "final_loss": round(history[-1]["loss"], 5)}}
 
+
+
+def save_untrained_backbone(params: dict, classifier_path: str | Path, checkpoint: str | Path, images: int) -> dict:
+    """``rw.affinity: features``: nothing to train; save the backbone ``affinity.init`` names (frozen)
+    for the walk's training-free affinities. Returns {"history": [], "metrics"}."""
+    from pipeline.models.backbones import build_backbone
+    from pipeline.refine.feature_affinity import save_feature_affinity
+
+    aff = params["affinity"]
+    if aff["init"] == "classifier":
+        from pipeline.models.classifier import classifier_backbone
+
+        backbone, name = classifier_backbone(classifier_path, "affinity.init")
+    else:
+        backbone, name = build_backbone(params["cam"]["backbone"], aff["init"]), params["cam"]["backbone"]
+    save_feature_affinity(checkpoint, backbone, name, aff["stride"], aff["radius"], {"params": dict(aff)})
+    log.info("train_aff: rw.affinity features needs no training; saved the %s backbone (affinity.init %s)", name,
+             aff["init"])
+    return {"history": [], "metrics": {"train_images": images, "epochs": 0, "model": "features", "final_loss": None}}

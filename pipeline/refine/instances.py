@@ -28,6 +28,7 @@ Where the dataset has instance masks, ``metrics/instances.json`` holds their COC
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -38,6 +39,8 @@ import numpy as np
 from pipeline.labels import IGNORE_INDEX, grid_to_image, with_background
 
 NO_INSTANCE = 0
+
+log = logging.getLogger("wsss")
 
 
 def converge(disp: np.ndarray, iterations: int) -> np.ndarray:
@@ -172,7 +175,7 @@ def make_instance_masks(task: InstanceTask) -> dict[str, np.ndarray]:
     from pipeline.refine.runner import task_inputs
 
     image, classes, cam_grid, cam_stride = task_inputs(task)
-    model = cached_affinity_model(task.model_path, task.device)
+    model = cached_affinity_model(task.model_path, task.device, task.rw)
     offsets = pair_offsets(model.radius)
     aff, disp = image_relations(model, image, offsets)
     return instance_masks(image, cam_grid, cam_stride, classes, task.rw, task.instances, aff, disp.cpu().numpy(),
@@ -269,7 +272,10 @@ def make_instance_store(prepared_dir: str | Path, params: dict, cams_path: str |
 
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"affinity model not found: {model_path}; run the train_aff stage")
-    if not load_affinity_net(model_path).has_displacement:
+    if params["rw"].get("affinity") == "features":
+        log.warning("rw.affinity features learns no displacement field: instances are the connected regions of "
+                    "each class's walked CAM")
+    elif not load_affinity_net(model_path).has_displacement:
         raise ValueError(f"{model_path}: saved before the displacement branch existed (no instances from it); "
                          "re-run the train_aff stage")
     rw = resolve_background(params["rw"], cam_threshold)

@@ -159,15 +159,18 @@ def pseudo_mask(image: np.ndarray, cam_grid: np.ndarray, cam_stride: int, classe
 
 
 @lru_cache(maxsize=2)
-def _load_cached(path: str, stamp: int, device: str):
-    from pipeline.models.affinity import load_affinity_net
+def _load_cached(path: str, stamp: int, device: str, kind: str, colour_sigma: float):
+    from pipeline.refine.feature_affinity import load_walk_affinity
 
-    return load_affinity_net(path, device)
+    return load_walk_affinity(path, {"affinity": kind, "colour_sigma": colour_sigma}, device)
 
 
-def cached_affinity_model(path: str | Path, device: str):
-    """The affinity model at ``path``, loaded once per worker process (reloaded when the file changes)."""
-    return _load_cached(str(path), Path(path).stat().st_mtime_ns, device)
+def cached_affinity_model(path: str | Path, device: str, rw: dict | None = None):
+    """The affinity model at ``path`` for ``rw.affinity`` (default the trained AffinityNet), loaded once
+    per worker process (reloaded when the file changes)."""
+    rw = rw or {}
+    return _load_cached(str(path), Path(path).stat().st_mtime_ns, device, rw.get("affinity", "affinitynet"),
+                        float(rw.get("colour_sigma", 0.0)))
 
 
 def image_affinities(model, image: np.ndarray, offsets: Offsets) -> torch.Tensor:
@@ -191,15 +194,16 @@ def image_relations(model, image: np.ndarray, offsets: Offsets) -> tuple[torch.T
     return aff[0].float(), disp[0].float().cpu()
 
 
-def affinity_separation(model_path: str | Path, prepared, ids: Sequence[str], device: str = "cpu") -> dict:
+def affinity_separation(model_path: str | Path, prepared, ids: Sequence[str], device: str = "cpu",
+                        rw: dict | None = None) -> dict:
     """How well the AffinityNet separates classes, measured on GT: the mean predicted affinity of
     pixel pairs (cell centres of the affinity grid, within the training radius) whose GT classes are
     the same (background-background and object-object apart) and different. Images without GT are
     skipped. Returns {"images", "same_background", "same_object", "different", "gap"} (means, and
     same-object minus different: a walk can only separate objects when the gap is large)."""
-    from pipeline.models.affinity import load_affinity_net, pair_labels, pair_offsets, seed_to_grid
+    from pipeline.models.affinity import pair_labels, pair_offsets, seed_to_grid
 
-    model = load_affinity_net(model_path, device)
+    model = cached_affinity_model(model_path, device, rw)
     offsets = pair_offsets(model.radius)
     sums, counts, used = np.zeros(3), np.zeros(3), 0
     for image_id in ids:
@@ -248,7 +252,7 @@ def make_pseudo_mask(task: WalkTask) -> np.ndarray:
             background = walk_background(task.rw["background_cue"], sal, cam_background, task.saliency)
     if not task.rw["enabled"]:
         return pseudo_mask(image, cam_grid, cam_stride, classes, task.rw, task.crf, background=background)
-    model = cached_affinity_model(task.model_path, task.device)
+    model = cached_affinity_model(task.model_path, task.device, task.rw)
     offsets = pair_offsets(model.radius)
     aff = image_affinities(model, image, offsets)
     return pseudo_mask(image, cam_grid, cam_stride, classes, task.rw, task.crf, aff=aff, offsets=offsets,
@@ -302,7 +306,9 @@ def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Pat
         from pipeline.models.affinity import read_affinity_checkpoint
 
         ck = read_affinity_checkpoint(model_path)
-        model_meta = {"affinity_stride": ck["stride"], "radius": ck["radius"], "backbone": ck["backbone"]}
+        model_meta = {"affinity_stride": ck["stride"], "radius": ck["radius"], "backbone": ck["backbone"],
+                      "affinity": rw.get("affinity", "affinitynet")}
+        cached_affinity_model(model_path, "cpu", rw)  # fail early when the checkpoint is not rw.affinity's kind
     inputs = {"cams": cams.attrs.get("fingerprint"), "prepared": prepared_digest(prepared_dir),
               "affinity_model": file_digest(model_path) if rw["enabled"] else None}
     sal = saliency_for(rw.get("background_cue", "cam"), saliency, "rw.background_cue")
@@ -340,7 +346,7 @@ def make_pseudo_masks(prepared_dir: str | Path, params: dict, cams_path: str | P
                                 saliency_store=saliency_store)
     prepared, pseudo = open_prepared(prepared_dir, params["data"]), open_store(out_path)
     if rw["enabled"]:
-        metrics["affinity_separation"] = affinity_separation(model_path, prepared, pseudo.ids[:SEPARATION_IMAGES])
+        metrics["affinity_separation"] = affinity_separation(model_path, prepared, pseudo.ids[:SEPARATION_IMAGES], rw=rw)
     ids = pseudo.ids[: params["data"]["gallery_ids"]]
     columns = {"CRF seeds": open_store(seeds_path)} if seeds_path and Path(seeds_path).exists() else {}
     columns["random walk" if rw["enabled"] else "pseudo (no walk)"] = pseudo
