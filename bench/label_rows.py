@@ -3,7 +3,7 @@
     python bench/label_rows.py --workspace DIR --rows bench/rows/saliency.yaml --out docs/rows/voc676 [--only NAME ...]
 
 DIR is a finished (or partly finished) run of the graph: its params.yaml is the base (saved as
-``<out>/base_params.yaml`` on the first call and reused after). Each row of the rows file names the
+``<out>/base_params.yaml`` on the first call and reused after; put back in DIR when the rows end). Each row of the rows file names the
 params it changes from the base and the stages it re-runs, in graph order; a row re-uses the other
 stages' outputs as the workspace holds them, so a row lists every stage whose inputs its params (or
 an earlier row's) changed. Each row runs ``python -m stages.<stage>`` in DIR (what ``dvc repro``
@@ -43,8 +43,7 @@ def summary_line(name: str, d: Path) -> str:
 
 
 def main() -> None:
-    from pipeline.config import load_params, render_params, with_overrides
-    from pipeline.quality import write_quality
+    from pipeline.config import load_params, render_params
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workspace", required=True, type=Path)
@@ -62,6 +61,21 @@ def main() -> None:
         shutil.copy(ws / "params.yaml", base_file)
     base = load_params(base_file)
     rows = yaml.safe_load(args.rows.read_text())["rows"]
+    try:
+        run_rows(rows, args, ws, out, base)
+    finally:
+        (ws / "params.yaml").write_text(render_params(base))
+    lines = ["| row | CAM | seeds (precision / coverage) | walk | walk − CAM | walk background IoU | affinity gap | "
+             "segmenter | saliency |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [summary_line(r["name"], out / r["name"]) for r in rows if (out / r["name"]).is_dir()]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def run_rows(rows: list, args, ws: Path, out: Path, base: dict) -> None:
+    from pipeline.config import render_params, with_overrides
+    from pipeline.quality import write_quality
+
     for row in rows:
         if args.only and row["name"] not in args.only:
             continue
@@ -85,11 +99,6 @@ def main() -> None:
         write_quality(dest, out / f"{row['name']}.md", f"{row['name']}: {' '.join(sets) or 'base params'}",
                       f"python bench/label_rows.py --workspace {args.workspace} --rows {args.rows} --out {args.out} "
                       f"--only {row['name']}", [row.get("note", "")] if row.get("note") else [])
-    lines = ["| row | CAM | seeds (precision / coverage) | walk | walk − CAM | walk background IoU | affinity gap | "
-             "segmenter | saliency |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [summary_line(r["name"], out / r["name"]) for r in rows if (out / r["name"]).is_dir()]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
