@@ -316,7 +316,7 @@ def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Pat
         inputs["saliency"] = saliency_store_fingerprint(saliency_store, "rw.background_cue")
     device, threads = per_image_torch(compute)
     tasks = [WalkTask(i, str(prepared_dir), data, str(cams_path), str(model_path) if model_path else None, rw, crf,
-                      device, threads, sal, str(saliency_store) if sal else None) for i in ids]
+                      device, threads, sal, str(Path(saliency_store).resolve()) if sal else None) for i in ids]
     attrs = {"kind": "pseudo_masks", "class_names": prepared.class_names, "stride": 1, "split": split,
              "params": {"rw": rw, "crf": crf if rw["final_crf"] else None, "saliency": sal}, **model_meta,
              "method": "random_walk" if rw["enabled"] else "cam",

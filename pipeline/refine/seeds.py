@@ -215,8 +215,8 @@ def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path,
     inputs = {"cams": cams.attrs.get("fingerprint"), "prepared": prepared_digest(prepared_dir)}
     if sal is not None:
         inputs["saliency"] = saliency_store_fingerprint(saliency_store, "crf.background_cue")
-    tasks = [SeedTask(i, str(prepared_dir), data, str(cams_path), crf, sal, str(saliency_store) if sal else None)
-             for i in ids]
+    sal_store = str(Path(saliency_store).resolve()) if sal else None  # absolute: tasks may run in other folders
+    tasks = [SeedTask(i, str(prepared_dir), data, str(cams_path), crf, sal, sal_store) for i in ids]
     attrs = {"kind": "seeds", "class_names": prepared.class_names, "stride": 1, "split": split,
              "params": {**crf, **({"saliency": sal} if sal else {})}, "method": crf["mode"] if crf["enabled"] else "threshold",
              "cams_fingerprint": cams.attrs.get("fingerprint"), "inputs": inputs}
