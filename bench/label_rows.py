@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--rows", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--only", nargs="*", help="run only these rows (in the file's order)")
+    ap.add_argument("--reuse", nargs="*", default=[], metavar="STAGE",
+                    help="stages not to run because the workspace already holds their outputs for these rows' "
+                         "params (e.g. crf and train_aff of an earlier row with the same crf / affinity params)")
     ap.add_argument("--already-run", nargs="*", default=[],
                     help="rows whose outputs the workspace already holds (e.g. base after `dvc repro`): their "
                          "metrics are copied, no stage runs")
@@ -82,6 +85,7 @@ def run_rows(rows: list, args, ws: Path, out: Path, base: dict) -> None:
         sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in (row.get("set") or {}).items()]
         (ws / "params.yaml").write_text(render_params(with_overrides(base, sets)))
         stages = [] if row["name"] in args.already_run else sorted(row["stages"], key=GRAPH.index)
+        stages = [s for s in stages if s not in args.reuse]
         print(f"row {row['name']}: {' '.join(sets) or '(base)'}; stages {' '.join(stages)}", flush=True)
         times = {}
         for stage in ["digest_data"] + stages:
@@ -94,7 +98,8 @@ def run_rows(rows: list, args, ws: Path, out: Path, base: dict) -> None:
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(ws / "metrics", dest)
-        (dest / "row.json").write_text(json.dumps({"set": row.get("set") or {}, "stages": stages, "seconds": times},
+        (dest / "row.json").write_text(json.dumps({"set": row.get("set") or {}, "stages": stages, "seconds": times,
+                                                   "reused": [s for s in row["stages"] if s in args.reuse]},
                                                   indent=1))
         write_quality(dest, out / f"{row['name']}.md", f"{row['name']}: {' '.join(sets) or 'base params'}",
                       f"python bench/label_rows.py --workspace {args.workspace} --rows {args.rows} --out {args.out} "
