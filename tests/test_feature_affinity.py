@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from pipeline.augment import normalise
-from pipeline.config import preset
 from pipeline.models.affinity import build_affinity_net, pair_offsets, save_affinity_net
 from pipeline.models.backbones import build_backbone
 from pipeline.refine.feature_affinity import (FeatureAffinity, MixedAffinity, colour_similarity, feature_similarity,
@@ -116,7 +115,3 @@ def test_train_aff_with_features_saves_the_backbone_without_training(tmp_path):
     model = load_walk_affinity(tmp_path / "f.pt", {"affinity": "features", "colour_sigma": 12.0})
     assert model.radius == params["affinity"]["radius"] and model.stride == params["affinity"]["stride"]
     assert not (tmp_path / "resume.pt").exists()
-
-
-def test_photos_preset_names_valid_affinity_kinds():
-    assert preset("photos")["rw"]["affinity"] in ("affinitynet", "irn", "features", "mix")

@@ -292,3 +292,10 @@ def test_wsss_saliency_writes_pngs_from_the_store_or_the_source(demo, tmp_path):
     assert spectral["from"] == "spectral" and spectral["count"] == len(ids)
     back = read_saliency_png(tmp_path / "spec" / f"{ids[0]}.png", prepared.size(ids[0]))
     np.testing.assert_allclose(back, spectral_residual(prepared.image(ids[0])), atol=1 / 255 + 1e-6)
+
+
+def test_photos_preset_takes_the_walks_background_from_the_detector():
+    photos = preset("photos")
+    assert photos["saliency"]["source"] == "u2netp"
+    assert photos["rw"]["background_cue"] == "saliency"
+    assert photos["crf"]["background_cue"] == "cam"  # seeds keep the CAM rule (guided seeds: a switch)
