@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.store import ArraySpec, StoreWriter
+from pipeline.store import ArraySpec, StoreWriter, write_store
 
 
 def tiny_demo(root: str | Path, num_train: int = 6, num_val: int = 2, side: tuple[int, int] = (48, 64), seed: int = 0):
@@ -56,3 +56,16 @@ def write_fake_cams(prepared, ids, path: str | Path, stride: int = 4, seed: int 
         w.write_shard(s, {"cam": [fake_cam(prepared.gt(ids[i]), prepared.labels(ids[i]), num_fg, stride, rng, **kw)
                                   for i in idx]})
     return w.commit()
+
+
+def tiny_data_with_gt_seeds(tmp_path: str | Path, num_train: int = 4):
+    """A tiny demo and a seed store at tmp_path/seeds.zarr holding its ground truth.
+    Returns (params, PreparedData, train ids)."""
+    from pipeline.datasets import PreparedData
+
+    params, prepared_dir = tiny_demo(tmp_path, num_train=num_train, num_val=1)
+    prepared = PreparedData(params["data"], prepared_dir)
+    ids = prepared.ids("train")
+    write_store(Path(tmp_path) / "seeds.zarr", ids, prepared.sizes(ids), {"seed": ArraySpec("uint8", fill=255)}, {},
+                lambda idx: {"seed": [prepared.gt(ids[i]) for i in idx]}, shard_images=4)
+    return params, prepared, ids

@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.datasets import PreparedData
 from pipeline.models.affinity import (AffinityNet, affinity_loss, build_affinity_net, load_affinity_net, pair_labels,
                                       pair_offsets, seed_to_grid)
 from pipeline.models.backbones import build_backbone
-from synthetic import tiny_demo
-from pipeline.store import ArraySpec, Store, write_store
+from synthetic import tiny_data_with_gt_seeds
+from pipeline.store import Store
 
 
 def test_radius_five_gives_34_half_plane_offsets():
@@ -81,22 +80,12 @@ def test_classifier_init_without_checkpoint_is_a_clear_error(tmp_path):
         build_affinity_net("tiny", "classifier", 4, tmp_path / "missing.pt")
 
 
-def _tiny_data_with_gt_seeds(tmp_path):
-    """A 4-image tiny demo and a seed store at tmp_path/seeds.zarr holding its ground truth."""
-    params, prepared_dir = tiny_demo(tmp_path, num_train=4, num_val=1)
-    prepared = PreparedData(params["data"], prepared_dir)
-    ids = prepared.ids("train")
-    write_store(tmp_path / "seeds.zarr", ids, prepared.sizes(ids), {"seed": ArraySpec("uint8", fill=255)}, {},
-                lambda idx: {"seed": [prepared.gt(ids[i]) for i in idx]}, shard_images=4)
-    return params, prepared, ids
-
-
 def test_training_writes_a_checkpoint_that_reloads(tmp_path):
     from pipeline.refine.affinity_training import train_affinity
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    params, prepared, ids = _tiny_data_with_gt_seeds(tmp_path)
+    params, prepared, ids = tiny_data_with_gt_seeds(tmp_path)
     aff = dict(params["affinity"], epochs=2, batch_size=2, crop_size=32)
     model, name = build_affinity_net("tiny", "none", aff["stride"])
     history = train_affinity(model, prepared, Store(tmp_path / "seeds.zarr"), ids, aff, torch.device("cpu"), 0, name,
@@ -115,7 +104,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     from pipeline.refine.affinity_training import SeedCrops, train_affinity
 
     torch.set_num_threads(1)
-    params, prepared, ids = _tiny_data_with_gt_seeds(tmp_path)
+    params, prepared, ids = tiny_data_with_gt_seeds(tmp_path)
     seeds = Store(tmp_path / "seeds.zarr")
     aff = dict(params["affinity"], epochs=3, batch_size=2, crop_size=32)
 

@@ -99,15 +99,10 @@ def test_mix_is_the_geometric_mean_of_learnt_and_free_affinities(tmp_path):
 
 def test_train_aff_with_features_saves_the_backbone_without_training(tmp_path):
     from pipeline.refine.affinity_training import train_and_save
-    from synthetic import tiny_demo
-    from pipeline.datasets import PreparedData
-    from pipeline.store import ArraySpec, write_store
+    from synthetic import tiny_data_with_gt_seeds
 
-    params, prepared_dir = tiny_demo(tmp_path, num_train=3, num_val=1)
-    prepared = PreparedData(params["data"], prepared_dir)
-    ids = prepared.ids("train")
-    write_store(tmp_path / "seeds.zarr", ids, prepared.sizes(ids), {"seed": ArraySpec("uint8", fill=255)}, {},
-                lambda idx: {"seed": [prepared.gt(ids[i]) for i in idx]}, shard_images=4)
+    params, prepared, _ = tiny_data_with_gt_seeds(tmp_path, num_train=3)
+    prepared_dir = prepared.dir
     params = dict(params, rw=dict(params["rw"], affinity="features"), affinity=dict(params["affinity"], init="none"))
     result = train_and_save(prepared_dir, params, tmp_path / "seeds.zarr", tmp_path / "none.pt", tmp_path / "f.pt",
                             tmp_path / "resume.pt", torch.device("cpu"))
