@@ -248,7 +248,8 @@ def make_pseudo_mask(task: WalkTask) -> np.ndarray:
     if task.saliency is not None:
         sal = read_saliency(task.saliency_store, task.image_id)
         if sal is not None:
-            cam_background = with_background(grid_to_image(cam_grid, image.shape[:2], cam_stride), task.rw["alpha"])[0]
+            cam_background = (with_background(grid_to_image(cam_grid, image.shape[:2], cam_stride), task.rw["alpha"])[0]
+                              if task.rw["background_cue"] == "saliency_cam" else None)  # only that cue reads it
             background = walk_background(task.rw["background_cue"], sal, cam_background, task.saliency)
     if not task.rw["enabled"]:
         return pseudo_mask(image, cam_grid, cam_stride, classes, task.rw, task.crf, background=background)

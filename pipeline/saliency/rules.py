@@ -77,9 +77,10 @@ def background_score(saliency: np.ndarray) -> np.ndarray:
     return (1.0 - saliency).astype(np.float32)
 
 
-def walk_background(cue: str, saliency: np.ndarray, cam_background: np.ndarray, sal: dict) -> np.ndarray:
+def walk_background(cue: str, saliency: np.ndarray, cam_background: np.ndarray | None, sal: dict) -> np.ndarray:
     """The walk's background channel (H, W) float32 for ``rw.background_cue`` ``cue`` from the
-    saliency map and the CAM's own background (1 - max CAM)^alpha at the same resolution."""
+    saliency map and the CAM's own background (1 - max CAM)^alpha at the same resolution (read
+    only by ``saliency_cam``)."""
     if cue == "saliency":
         return background_score(saliency)
     if cue != "saliency_cam":

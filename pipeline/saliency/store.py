@@ -73,10 +73,12 @@ def make_saliency_store(prepared_dir: str | Path, data: dict, sal: dict, compute
                                                           "source": saliency_digest(sal)["digest"]}}
     specs = {"saliency": ArraySpec("uint8"), "valid": ArraySpec("uint8", stride=ONE_PER_IMAGE)}
     score = ForegroundScore(sal["fg_threshold"])
+    computed = [0]  # images mapped in this run (the rest were resumed from a partial store)
     t0 = time.perf_counter()
 
     def compute_shard(indices: list[int]) -> dict:
         keys = [ids[i] for i in indices]
+        computed[0] += len(keys)
         maps = source(keys, [prepared.image(k) for k in keys])
         out = {"saliency": [], "valid": []}
         for key, m in zip(keys, maps):
@@ -96,7 +98,7 @@ def make_saliency_store(prepared_dir: str | Path, data: dict, sal: dict, compute
     seconds = time.perf_counter() - t0
     metrics = {"source": sal["source"], "images": len(ids), "split": data["train_split"],
                "seconds": round(seconds, 2), **score.summary()}
-    if score.images < len(ids):  # resumed shards were not re-scored: score what the store holds
+    if computed[0] < len(ids):  # resumed shards were not scored in this run: score what the store holds
         metrics.update(score_store(out_path, prepared, sal["fg_threshold"]))
     metrics["seconds_per_image"] = round(seconds / max(len(ids), 1), 4)
     return metrics
