@@ -10,7 +10,8 @@ STAGES = ["prepare", "saliency", "train_cam", "make_cam", "crf", "train_aff", "r
 
 
 def _params(args):
-    from pipeline.config import defaults, preset, render_params, with_overrides
+    from pipeline.config import defaults, render_params, with_overrides
+    from pipeline.presets import preset
 
     params = preset(args.preset) if args.preset else defaults()
     sys.stdout.write(render_params(with_overrides(params, args.set or [])))
@@ -82,7 +83,7 @@ def _plugins(args):
 
 
 def main(argv=None) -> None:
-    from pipeline.config import PRESETS
+    from pipeline.presets import PRESETS
 
     ap = argparse.ArgumentParser(prog="wsss", description="Weakly-supervised segmentation pseudo-label pipeline")
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -3,9 +3,9 @@
 ``load_params(path)`` returns a nested dict with every key present (defaults filled in) and
 raises :class:`ParamsError` naming the dotted key on an unknown key, a wrong type, a non-finite or
 out-of-range value, or a name no registry knows. The schema below is the single source of the
-defaults; named presets overlay it: ``demo`` (what the committed ``params.yaml`` holds, rendered by
-``wsss params --preset demo``; a test keeps the two equal), ``tiny``, ``photos`` and the published
-settings ``psa`` and ``irnet``.
+defaults; the named presets that overlay it live in :mod:`pipeline.presets` (no stage imports them,
+so editing a preset re-runs nothing). This module imports no registered part: the registries declare
+their built-in names (:mod:`pipeline.registry`).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pipeline.registry import BACKBONES, CAM_METHODS, CAM_TRAINING, DATASETS, REFINERS, OptionsError, check_options
 
 
 class ParamsError(ValueError):
@@ -45,12 +47,13 @@ def _int(default, lo=None, hi=None, help=""):
     return P(int, default, min=lo, max=hi, help=help)
 
 
-# the built-in names; cam.backbone / seg.backbone may also name a plugin (pipeline.registry.BACKBONES)
-BUILTIN_BACKBONE_NAMES = ("tiny", "resnet18", "resnet50", "efficientnet_lite0")
+# the built-in names of the registered params come from their registries (declared there, nothing imported);
+# each param may also name a plugin or a dotted path
+BUILTIN_BACKBONE_NAMES = BACKBONES.builtin_names()
 
 SCHEMA: dict[str, dict[str, Any]] = {
     "data": {
-        "dataset": P(str, "demo", choices=("demo", "voc", "coco", "folder"), free_text=True,
+        "dataset": P(str, "demo", choices=DATASETS.builtin_names(), free_text=True,
                      help="demo | voc | coco | folder | a plugin name or dotted path"),
         "root": P(str, "data/demo", help="dataset root (voc, coco, folder); the demo is generated into data/prepared/demo"),
         "train_split": P(str, "train", help="split the labels are made for"),
@@ -76,9 +79,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "cam": {
         "backbone": P(str, "efficientnet_lite0", choices=BUILTIN_BACKBONE_NAMES, free_text=True),
         "weights": P(str, "imagenet", free_text=True, help="imagenet | none | <path to a state_dict>"),
-        "method": P(str, "cam", free_text=True, help="cam | gradcam | gradcampp | a plugin name or dotted path"),
+        "method": P(str, "cam", choices=CAM_METHODS.builtin_names(), free_text=True, help="cam | gradcam | gradcampp | a plugin name or dotted path"),
         "method_options": P(dict, {}, help="keyword args of the method's constructor (a plugin's settings; the built-ins take none)"),
-        "training": P(str, "plain", free_text=True, help="plain | seam (equivariant regularisation) | sccam (sub-category exploration) | a plugin name or dotted path"),
+        "training": P(str, "plain", choices=CAM_TRAINING.builtin_names(), free_text=True, help="plain | seam (equivariant regularisation) | sccam (sub-category exploration) | a plugin name or dotted path"),
         "training_options": P(dict, {}, help="keyword args of the training objective (seam: scale, weight; sccam: k, weight, rounds)"),
         "epochs": _int(6, 1),
         "batch_size": _int(16, 1),
@@ -103,7 +106,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "crf": {
         "enabled": P(bool, True),
-        "mode": P(str, "affinitynet", choices=("affinitynet", "irnet"), free_text=True),
+        "mode": P(str, "affinitynet", choices=REFINERS.builtin_names(), free_text=True),
         "mode_options": P(dict, {}, help="keyword args of the seed maker's constructor (a plugin's settings; the built-ins take none)"),
         "background_cue": P(str, "cam", choices=("cam", "saliency"),
                             help="cam: the seed rule's own background; saliency: background where saliency is low (saliency.*)"),
@@ -216,91 +219,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
 }
 
-# Published settings mapped onto our params (../docs/REFERENCE.md): a ResNet-50 stands in for PSA's
-# ResNet-38; image-size ranges become scale ranges for ~500 px VOC photos. Set data.root.
-_VOC = {"dataset": "voc", "root": "data/VOC2012"}
-_FOUR_SCALES = {"scales": [1.0, 0.5, 1.5, 2.0], "flip": True}
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The synthetic demo of `make demo`: params.yaml is exactly this preset rendered.
-    "demo": {
-        "cam": {"scales": [1.5, 2.0]},
-        "rw": {"logt": 6, "alpha": 4.0},
-        "seg": {"backbone": "efficientnet_lite0", "weights": "imagenet", "epochs": 10, "aspp_channels": 64},
-        "compute": {"torch_threads": 1},
-    },
-    # AffinityNet (Ahn & Kwak, CVPR 2018)
-    "psa": {
-        "data": dict(_VOC),
-        "cam": {"backbone": "resnet50", "weights": "imagenet", "epochs": 15, "batch_size": 16, "lr": 0.1,
-                "weight_decay": 5e-4, "crop_size": 448, "scale_min": 0.5, "scale_max": 1.0, "stride": 4, **_FOUR_SCALES},
-        "crf": {"mode": "affinitynet", "merge": "published", "thresholds": "fixed", "alpha_fg": 4.0, "alpha_bg": 32.0,
-                "iterations": 10, "gaussian_sxy": 3.0, "gaussian_compat": 3.0, "bilateral_sxy": 80.0,
-                "bilateral_srgb": 13.0, "bilateral_compat": 10.0},
-        "affinity": {"radius": 5, "stride": 8, "lr": 0.1, "batch_size": 8, "epochs": 8, "crop_size": 448,
-                     "scale_min": 0.5, "scale_max": 1.0},
-        "rw": {"beta": 8.0, "logt": 8, "background": "fixed", "alpha": 16.0},
-        "seg": {"backbone": "resnet50", "weights": "imagenet", "crop_size": 321},
-    },
-    # IRNet (Ahn, Cho & Kwak, CVPR 2019). Its walk pads a constant background score of 0.25; the
-    # alpha whose (1 - m)^alpha crosses m at 0.25 is 4.82.
-    "irnet": {
-        "data": dict(_VOC),
-        "cam": {"backbone": "resnet50", "weights": "imagenet", "epochs": 5, "batch_size": 16, "lr": 0.1,
-                "weight_decay": 1e-4, "crop_size": 512, "scale_min": 0.5, "scale_max": 1.5, "stride": 4,
-                **_FOUR_SCALES},
-        "crf": {"mode": "irnet", "merge": "published", "thresholds": "fixed", "fg_threshold": 0.30,
-                "bg_threshold": 0.05, "gt_prob": 0.7, "iterations": 10, "gaussian_sxy": 3.0, "gaussian_compat": 3.0,
-                "bilateral_sxy": 50.0, "bilateral_srgb": 5.0, "bilateral_compat": 10.0},
-        "affinity": {"radius": 5, "stride": 4, "crop_size": 512, "scale_min": 0.5, "scale_max": 1.5, "lr": 0.1,
-                     "boundary_lr_mult": 1.0},
-        "rw": {"beta": 10.0, "logt": 8, "background": "fixed", "alpha": 4.82, "affinity": "irn"},
-        "seg": {"backbone": "resnet50", "weights": "imagenet", "crop_size": 321},
-    },
-    # Small and fast everything, for tests and smoke runs (``wsss params --preset tiny``).
-    "tiny": {
-        "data": {"demo_num_train": 24, "demo_num_val": 8, "demo_min_side": 48, "demo_max_side": 64, "gallery_ids": 2},
-        "cam": {"backbone": "tiny", "weights": "none", "epochs": 2, "batch_size": 8, "crop_size": 48,
-                "scales": [1.0, 0.5], "num_workers": 0},
-        "crf": {"iterations": 3},
-        "affinity": {"epochs": 1, "batch_size": 4, "crop_size": 48, "radius": 3},
-        "rw": {"logt": 4},
-        "seg": {"epochs": 1, "batch_size": 8, "crop_size": 48},
-        "compute": {"scheduler": "synchronous", "shard_images": 8},
-    },
-    # Real photos (VOC-style) on a 2-core CPU: 46 to 71 minutes for 676 VOC photos depending on the
-    # CPU, measured in docs/REAL_PHOTOS.md. Set data.root (and data.dataset for coco / folder). What differs from the
-    # published GPU settings is smaller: crops, one CAM scale, a thinner AffinityNet embedding, the
-    # early backbone levels frozen. Thresholds and the walk's background follow the CAM sweep.
-    "photos": {
-        "data": {"dataset": "voc", "root": "data/VOC2012", "gallery_ids": 8},
-        "cam": {"backbone": "efficientnet_lite0", "weights": "imagenet", "epochs": 10, "batch_size": 16, "lr": 0.02,
-                "crop_size": 320, "scale_min": 0.5, "scale_max": 1.0, "frozen_levels": 2, "freeze_bn": True,
-                "scales": [1.0], "flip": True, "stride": 4, "num_workers": 1},
-        "crf": {"mode": "irnet", "thresholds": "cam_sweep", "fg_ratio": 1.5, "bg_ratio": 0.5, "scale": 0.5},
-        "affinity": {"crop_size": 256, "batch_size": 8, "epochs": 5, "lr": 0.05, "scale_min": 0.5, "scale_max": 1.0,
-                     "stride": 4, "radius": 5, "embed_dim": 64, "frozen_levels": 2, "num_workers": 1},
-        # the walk's background from the U2-Net-p salient-object detector (docs/REAL_PHOTOS.md: voc676 walk
-        # 43.6 -> 50.2, its 100-image cut 30.1 -> 39.9)
-        "saliency": {"source": "u2netp"},
-        "rw": {"background": "cam_sweep", "beta": 10.0, "logt": 8, "background_cue": "saliency"},
-        "seg": {"backbone": "efficientnet_lite0", "weights": "classifier", "epochs": 8, "batch_size": 16, "lr": 0.01,
-                "crop_size": 320, "scale_min": 0.5, "scale_max": 1.0, "frozen_levels": 2, "freeze_bn": True,
-                "aspp_channels": 128, "num_workers": 1, "eval_flip": True},
-        "compute": {"torch_threads": 2},
-    },
-}
-
-
 def defaults() -> dict[str, dict[str, Any]]:
     """Every param at its default value."""
     return {ns: {k: copy.deepcopy(p.default) for k, p in fields.items()} for ns, fields in SCHEMA.items()}
-
-
-def preset(name: str) -> dict[str, dict[str, Any]]:
-    """Full params for a named preset (defaults overlaid with the preset's values)."""
-    if name not in PRESETS:
-        raise ParamsError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-    return merge(defaults(), PRESETS[name])
 
 
 def with_overrides(params: dict, assignments: list[str]) -> dict:
@@ -324,18 +245,6 @@ def merge(base: dict, override: dict) -> dict:
     for ns, values in override.items():
         out.setdefault(ns, {}).update(copy.deepcopy(values))
     return out
-
-
-# SEAM (Wang et al., CVPR 2020): PSA's AffinityNet refinement after a classifier trained with the
-# equivariant regularisation (rescaled copy at 0.3; 8 epochs, batch 8, lr 0.01, weight decay 5e-4,
-# 448 crops). SEAM's ResNet-38 is not built in; ResNet-50 stands in.
-PRESETS["seam"] = merge(PRESETS["psa"], {"cam": {"training": "seam", "training_options": {"scale": 0.3, "weight": 1.0},
-                                                 "epochs": 8, "batch_size": 8, "lr": 0.01, "weight_decay": 5e-4,
-                                                 "crop_size": 448}})
-# SC-CAM (Chang et al., CVPR 2020): PSA's refinement after sub-category exploration (k 10 clusters per
-# class, sub-category loss weight 5, 3 rounds); ResNet-38 replaced by ResNet-50 as above.
-PRESETS["sccam"] = merge(PRESETS["psa"], {"cam": {"training": "sccam",
-                                                  "training_options": {"k": 10, "weight": 5.0, "rounds": 3}}})
 
 
 def _check_value(key: str, p: P, value: Any) -> Any:
@@ -434,37 +343,34 @@ def validate(raw: dict, source: str = "params") -> dict[str, dict[str, Any]]:
 
 
 # params whose value names a registered part (built-in, entry-point plugin or dotted path)
-REGISTERED = {"cam.backbone": "BACKBONES", "seg.backbone": "BACKBONES", "cam.method": "CAM_METHODS",
-              "crf.mode": "REFINERS", "data.dataset": "DATASETS", "cam.training": "CAM_TRAINING"}
+REGISTERED = {"cam.backbone": BACKBONES, "seg.backbone": BACKBONES, "cam.method": CAM_METHODS,
+              "crf.mode": REFINERS, "data.dataset": DATASETS, "cam.training": CAM_TRAINING}
 # params holding the keyword args of the part another param names: options key -> that name's key
 OPTIONS = {"cam.method_options": "cam.method", "crf.mode_options": "crf.mode", "cam.training_options": "cam.training"}
 
 
 def _check_registered(params: dict) -> None:
-    """Resolve every name in REGISTERED now, so a typo or a broken plugin fails at load naming the
-    key, not in the stage that first builds it."""
-    import pipeline.cam.methods  # noqa: F401  (registers the built-ins)
-    import pipeline.cam.objectives  # noqa: F401
-    import pipeline.datasets  # noqa: F401
-    import pipeline.models.backbones  # noqa: F401
-    import pipeline.refine.seeds  # noqa: F401
-    from pipeline import registry
-
-    parts = {}
-    for key, reg_name in REGISTERED.items():
+    """Check every name in REGISTERED now, so a typo or a broken plugin fails at load naming the key,
+    not in the stage that first builds it. Built-in names are checked against their registry's
+    declaration (nothing imported); a plugin is loaded; a part is imported to check its options only
+    when it has options or is a plugin."""
+    for key, reg in REGISTERED.items():
         ns, name = key.split(".")
         value = params[ns][name]
         try:
-            parts[key] = getattr(registry, reg_name).get(value)
+            reg.check_name(value, key)
         except Exception as e:
             text = str(e)
             raise ParamsError(text if text.startswith(f"param {key}") else f"param {key}: {value!r} cannot be used: {text}") from e
     for key, part_key in OPTIONS.items():
         ns, name = key.split(".")
         part_ns, part_name = part_key.split(".")
+        part, options = params[part_ns][part_name], params[ns][name]
+        if not options and part in REGISTERED[part_key].builtins:
+            continue  # a built-in takes no positional surprises: nothing to check, nothing to import
         try:  # the part is built as part(<model or crf params>, **options)
-            registry.check_options(parts[part_key], params[ns][name], key, f"{part_key} {params[part_ns][part_name]!r}")
-        except registry.OptionsError as e:
+            check_options(REGISTERED[part_key].get(part, part_key), options, key, f"{part_key} {part!r}")
+        except OptionsError as e:
             raise ParamsError(str(e)) from None
 
 

@@ -5,6 +5,11 @@ advertised by an installed package under the entry-point group ``wsss.plugins`` 
 ``<kind>.<name>`` (e.g. ``cam_method.scorecam = mypkg.cams:ScoreCAM``); or a dotted path
 ``package.module:Object`` / ``package.module.Object`` given directly in params.
 
+Built-ins are loaded lazily: each registry declares where its built-in names live (``builtins``,
+name -> module) and imports those modules on first use, so importing the registry (or
+:mod:`pipeline.config`, which takes its choices from it) imports no part, and a stage's code closure
+holds only the parts it builds.
+
 A part's own settings come from an options param (``cam.method_options``, ``crf.mode_options``):
 keyword args of its constructor, checked by :func:`check_options`.
 """
@@ -69,10 +74,36 @@ class Registry:
     """``kind`` names the registry in messages; ``param`` (e.g. ``cam.method``) is the param the names
     come from, so a failure to resolve or load one names it."""
 
-    def __init__(self, kind: str, param: str | None = None):
+    def __init__(self, kind: str, param: str | None = None, builtins: dict[str, str] | None = None):
         self.kind = kind
         self.param = param
+        self.builtins = dict(builtins or {})  # built-in name -> module that registers it
         self._items: dict[str, Any] = {}
+        self._loaded: set[str] = set()
+
+    def builtin_names(self) -> tuple[str, ...]:
+        """The built-in names, known without importing anything."""
+        return tuple(self.builtins)
+
+    def _load_builtin(self, name: str) -> None:
+        module = self.builtins[name]
+        if module not in self._loaded:
+            self._loaded.add(module)
+            importlib.import_module(module)
+        if name not in self._items:
+            raise RegistryError(f"{self.kind} {name!r} is declared in {module} but that module does not register it")
+
+    def load_builtins(self) -> dict[str, Any]:
+        """Import every built-in's module; return the registered objects by name."""
+        for name in self.builtins:
+            self._load_builtin(name)
+        return dict(self._items)
+
+    def check_name(self, name: str, param: str | None = None) -> None:
+        """Raise RegistryError (naming the param) unless ``name`` resolves; a built-in name is
+        accepted without importing its module, a plugin is loaded (its import errors surface now)."""
+        if name not in self.builtins:
+            self.get(name, param)
 
     def register(self, name: str) -> Callable[[Any], Any]:
         def deco(obj):
@@ -89,12 +120,14 @@ class Registry:
         return {ep.name[len(prefix):]: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name.startswith(prefix)}
 
     def names(self) -> list[str]:
-        return sorted(set(self._items) | set(self.plugins()))
+        return sorted(set(self.builtins) | set(self._items) | set(self.plugins()))
 
     def get(self, name: str, param: str | None = None) -> Any:
         """The object registered, advertised or importable as ``name``. Every failure (unknown name, a
         plugin that cannot be imported or raises while it is imported) is a RegistryError naming the
         param (``param`` or the registry's) and the plugin, with the original exception chained."""
+        if name in self.builtins:
+            self._load_builtin(name)
         if name in self._items:
             return self._items[name]
         where = f"param {param or self.param}: " if (param or self.param) else ""
@@ -118,8 +151,20 @@ class Registry:
             raise RegistryError(f"{what} failed to load: {type(e).__name__}: {e}") from e
 
 
-BACKBONES = Registry("backbone")  # cam.backbone and seg.backbone both name one
-CAM_METHODS = Registry("cam_method", param="cam.method")
-CAM_TRAINING = Registry("cam_training", param="cam.training")  # objectives (pipeline.cam.objectives)
-REFINERS = Registry("refiner", param="crf.mode")
-DATASETS = Registry("dataset", param="data.dataset")  # Dataset subclasses (pipeline.datasets.base)
+def _at(module: str, *names: str) -> dict[str, str]:
+    return {name: module for name in names}
+
+
+# cam.backbone and seg.backbone both name one
+BACKBONES = Registry("backbone", builtins=_at("pipeline.models.backbones", "tiny", "resnet18", "resnet50",
+                                                 "efficientnet_lite0"))
+CAM_METHODS = Registry("cam_method", param="cam.method",
+                       builtins=_at("pipeline.cam.methods", "cam", "gradcam", "gradcampp"))
+CAM_TRAINING = Registry("cam_training", param="cam.training",
+                        builtins=_at("pipeline.cam.objectives", "plain", "seam", "sccam"))
+REFINERS = Registry("refiner", param="crf.mode", builtins=_at("pipeline.refine.seeds", "affinitynet", "irnet"))
+# Dataset subclasses (pipeline.datasets.base)
+DATASETS = Registry("dataset", param="data.dataset",
+                    builtins={"demo": "pipeline.datasets.demo", "voc": "pipeline.datasets.voc",
+                              "coco": "pipeline.datasets.coco", "folder": "pipeline.datasets.folder"})
+ALL = (BACKBONES, CAM_METHODS, CAM_TRAINING, REFINERS, DATASETS)

@@ -13,7 +13,7 @@ from pipeline.store import ArraySpec, StoreWriter, write_store
 
 def tiny_demo(root: str | Path, num_train: int = 6, num_val: int = 2, side: tuple[int, int] = (48, 64), seed: int = 0):
     """Generate and prepare a tiny demo dataset under ``root``. Returns (params, prepared_dir)."""
-    from pipeline.config import preset
+    from pipeline.presets import preset
     from pipeline.prepare import prepare_dataset
 
     root = Path(root)

@@ -16,7 +16,7 @@ from pipeline.cam import (CamInference, CamMethod, CamOutput, ClassActivationMap
 from pipeline.cam.infer import scale_inputs
 from pipeline.cam.run import evaluate_cam_store, make_cam_store
 from pipeline.cam.train import ClassificationSet, average_precision, train_classifier
-from pipeline.config import preset
+from pipeline.presets import preset
 from pipeline.datasets import PreparedData
 from pipeline.labels import grid_to_image
 from pipeline.models.backbones import Backbone

@@ -9,7 +9,8 @@ import torch
 from pipeline.cam.objectives import (PlainObjective, SeamObjective, SubCategoryObjective, build_objective,
                                      equivariance_loss, kmeans, max_normalised)
 from pipeline.cam.train import ClassificationSet, train_classifier
-from pipeline.config import ParamsError, preset, validate
+from pipeline.config import ParamsError, validate
+from pipeline.presets import preset
 from pipeline.datasets import PreparedData
 from pipeline.models.classifier import build_classifier
 from pipeline.prepare import prepare_dataset

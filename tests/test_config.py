@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from pipeline.config import ParamsError, defaults, load_params, preset, validate
+from pipeline.config import ParamsError, defaults, load_params, validate
+from pipeline.presets import preset
 
 
 def test_repo_params_file_is_valid_and_complete():

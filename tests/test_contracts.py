@@ -18,7 +18,8 @@ import pipeline.datasets  # noqa: F401  (registers the built-in datasets)
 import pipeline.refine  # noqa: F401  (registers the built-in seed makers)
 from pipeline.cam import CamInference, GradientCamMethod, build_method
 from pipeline.cam.infer import scale_inputs
-from pipeline.config import ParamsError, preset, validate
+from pipeline.config import ParamsError, validate
+from pipeline.presets import preset
 from pipeline.datasets import Dataset
 from pipeline.labels import IGNORE_INDEX
 from pipeline.models.classifier import build_classifier

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import preset
+from pipeline.presets import preset
 from pipeline.datasets import DatasetError, open_dataset
 from pipeline.datasets.coco import CocoDataset
 from pipeline.datasets.folder import FolderDataset, val_score

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import preset
+from pipeline.presets import preset
 from pipeline.datasets import PreparedData
 from pipeline.datasets.demo import DEMO_CLASSES, DemoDataset, generate, render_image
 from pipeline.prepare import prepare_dataset, save_contact_sheet

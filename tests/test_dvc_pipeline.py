@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import preset, render_params
+from pipeline.config import render_params
+from pipeline.presets import preset
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.config import preset
+from pipeline.presets import preset
 from pipeline.datasets import PreparedData
 from pipeline.export import ExportError, read_coco, read_export, run_export, safe_member
 from pipeline.prepare import prepare_dataset

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import preset
+from pipeline.presets import preset
 from pipeline.datasets import PreparedData
 from pipeline.export import ExportError, read_export, run_export
 from pipeline.labels import IGNORE_INDEX

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pipeline.cam import CamMethod, CamOutput
 from pipeline.cam.run import make_cam_store
-from pipeline.config import preset
+from pipeline.presets import preset
 from pipeline.datasets import PreparedData
 from pipeline.models.classifier import build_classifier
 from pipeline.prepare import prepare_dataset

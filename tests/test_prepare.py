@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import pipeline.prepare as prepare_mod
-from pipeline.config import preset
+from pipeline.presets import preset
 from pipeline.datasets import DatasetError, PreparedData
 from pipeline.datasets.demo import DEMO_CLASSES, DemoDataset
 from pipeline.prepare import class_statistics, prepare_dataset

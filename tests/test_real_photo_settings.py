@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ParamsError, defaults, preset, with_overrides
+from pipeline.config import ParamsError, defaults, with_overrides
+from pipeline.presets import preset
 from pipeline.metrics import ConfusionMatrix
 from pipeline.models.affinity import AffinityNet, build_affinity_net, pair_offsets
 from pipeline.models.backbones import build_backbone

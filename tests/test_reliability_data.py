@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import preset, render_params
+from pipeline.config import render_params
+from pipeline.presets import preset
 from pipeline.datasets import DatasetError
 from pipeline.datasets.folder import FolderDataset
 

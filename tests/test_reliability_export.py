@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ParamsError, dump_params, preset
+from pipeline.config import ParamsError, dump_params
+from pipeline.presets import preset
 from pipeline.datasets import DatasetError, PreparedData
 from pipeline.export import ExportError, read_export, run_export
 from pipeline.prepare import prepare_dataset

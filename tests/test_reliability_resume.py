@@ -15,7 +15,8 @@ import torch
 
 import pipeline.provenance as provenance
 from pipeline.checkpoint import save_checkpoint
-from pipeline.config import ParamsError, defaults, preset, render_params, validate, with_overrides
+from pipeline.config import ParamsError, defaults, render_params, validate, with_overrides
+from pipeline.presets import preset
 from pipeline.datasets import PreparedData
 from pipeline.models.affinity import AffinityNet, affinity_checkpoint
 from pipeline.models.backbones import build_backbone

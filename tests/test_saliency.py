@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.config import ParamsError, defaults, preset, validate
+from pipeline.config import ParamsError, defaults, validate
+from pipeline.presets import preset
 from pipeline.datasets import PreparedData
 from pipeline.labels import IGNORE_INDEX
 from pipeline.refine.random_walk import make_pseudo_store, pseudo_mask

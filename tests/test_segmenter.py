@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import preset
+from pipeline.presets import preset
 from pipeline.metrics import ConfusionMatrix
 from pipeline.labels import IGNORE_INDEX
 from pipeline.models.segmenter import Segmenter, build_segmenter, load_segmenter, save_segmenter

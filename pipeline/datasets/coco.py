@@ -132,6 +132,12 @@ def _segmentation_mask(seg, h: int, w: int) -> np.ndarray:
 class CocoDataset(Dataset):
     name = "coco"
 
+    @classmethod
+    def from_params(cls, data: dict, prepared_dir: Path) -> "CocoDataset":
+        root = Path(data["root"])
+        return cls(root, splits={"train": (root / data["coco_train_json"], root / data["coco_train_images"]),
+                                 "val": (root / data["coco_val_json"], root / data["coco_val_images"])})
+
     def __init__(self, root, splits: dict[str, tuple[str | Path, str | Path]]):
         super().__init__(root)
         if not splits:

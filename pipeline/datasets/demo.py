@@ -210,5 +210,9 @@ def generate(root: str | Path, seed: int, num_train: int, num_val: int, min_side
 class DemoDataset(VOCDataset):
     name = "demo"
 
+    @classmethod
+    def from_params(cls, data: dict, prepared_dir: Path) -> "DemoDataset":
+        return cls(Path(prepared_dir) / "demo")  # the demo lives inside the prepare stage's output
+
     def __init__(self, root):
         super().__init__(root, use_sbd=False, class_names=DEMO_CLASSES)

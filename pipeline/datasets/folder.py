@@ -69,6 +69,12 @@ def val_score(image_id: str) -> float:
 class FolderDataset(Dataset):
     name = "folder"
 
+    @classmethod
+    def from_params(cls, data: dict, prepared_dir: Path) -> "FolderDataset":
+        root = Path(data["root"])
+        return cls(root, csv=root / data["folder_csv"], classes=root / data["folder_classes"],
+                   images=root / data["folder_images"], val_fraction=data["folder_val_fraction"])
+
     def __init__(self, root, csv: str | Path, classes: str | Path, images: str | Path, val_fraction: float = 0.2):
         super().__init__(root)
         if not 0.0 <= float(val_fraction) < 1.0:

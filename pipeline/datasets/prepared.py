@@ -29,7 +29,7 @@ class PreparedData:
 
     @cached_property
     def dataset(self):
-        from pipeline.datasets import open_dataset
+        from pipeline.datasets.open import open_dataset
 
         return open_dataset(self.data_params, self.dir)
 

@@ -22,6 +22,10 @@ VOC_CLASSES = [
 class VOCDataset(Dataset):
     name = "voc"
 
+    @classmethod
+    def from_params(cls, data: dict, prepared_dir: Path) -> "VOCDataset":
+        return cls(data["root"], use_sbd=data["voc_use_sbd"])
+
     def __init__(self, root, use_sbd: bool = False, class_names: list[str] | None = None):
         super().__init__(root)
         self.use_sbd = use_sbd

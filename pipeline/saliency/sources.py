@@ -17,14 +17,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipeline.saliency.maps import SaliencyError, min_max
+
 log = logging.getLogger("wsss")
 
 SOURCES = ("u2netp", "spectral", "folder")
 SPECTRAL_WIDTH = 64
-
-
-class SaliencyError(ValueError):
-    """A saliency map or model that is missing, unreadable or malformed (the message names the file)."""
 
 
 def spectral_residual(image: np.ndarray, width: int = SPECTRAL_WIDTH) -> np.ndarray:
@@ -40,12 +38,6 @@ def spectral_residual(image: np.ndarray, width: int = SPECTRAL_WIDTH) -> np.ndar
     sal = cv2.GaussianBlur(sal.astype(np.float32), (0, 0), sigmaX=2.5)
     sal = cv2.resize(sal, (w, h), interpolation=cv2.INTER_LINEAR)
     return min_max(sal)
-
-
-def min_max(sal: np.ndarray) -> np.ndarray:
-    """A map scaled to [0, 1] (all zeros when it is constant), float32."""
-    lo, hi = float(sal.min()), float(sal.max())
-    return ((sal - lo) / (hi - lo) if hi > lo else np.zeros_like(sal)).astype(np.float32)
 
 
 def read_saliency_png(path: str | Path, size: tuple[int, int]) -> np.ndarray:

