@@ -32,7 +32,8 @@ from pipeline.labels import present_classes  # noqa: E402
 from pipeline.refine.runner import open_prepared, read_cams  # noqa: E402
 from pipeline.refine.random_walk import image_affinities, pseudo_mask, resolve_background  # noqa: E402
 from pipeline.refine.seeds import resolve_thresholds, seeds_for_image  # noqa: E402
-from pipeline.saliency import background_score, saliency_map, seeds_with_saliency  # noqa: E402
+from pipeline.saliency.rules import background_score, seeds_with_saliency  # noqa: E402
+from pipeline.saliency.sources import SaliencySource  # noqa: E402
 
 CAMS, PREPARED, MODEL = "data/cams.zarr", "data/prepared", "models/affinity/affinity.pt"
 
@@ -68,12 +69,13 @@ def _work(job):
     torch.set_num_threads(1)
     prepared = open_prepared(PREPARED, params["data"])
     model = load_affinity_net(MODEL) if Path(MODEL).is_file() else None
+    saliency = SaliencySource(params["saliency"])
     out = []
     for image_id in ids:
         classes = present_classes(prepared.labels(image_id))
         grid, stride = read_cams(CAMS, image_id, classes)
         image = prepared.image(image_id)
-        sal = saliency_map(image_id, image, params["saliency"])
+        sal = saliency([image_id], [image])[0]
         row = {"id": image_id, "seeds": []}
         for c in seeds.values():
             s = seeds_for_image(image, grid, stride, classes, c)

@@ -26,7 +26,7 @@ def _export(args):
     from pipeline.config import load_params
     from pipeline.export import run_export
 
-    from pipeline.report import read_json
+    from pipeline.metrics import read_json
 
     params = load_params(args.params)
     formats = list(dict.fromkeys(args.format))
@@ -40,7 +40,7 @@ def _saliency(args):
     from pipeline.compute import resolve_device
     from pipeline.config import load_params
     from pipeline.progress import setup_logging
-    from pipeline.saliency import write_saliency_pngs
+    from pipeline.saliency.store import write_saliency_pngs
 
     setup_logging()
     params = load_params(args.params)
@@ -71,15 +71,24 @@ def _quality(args):
 
 
 def _plugins(args):
-    from pipeline.registry import BACKBONES, CAM_METHODS, DATASETS, REFINERS
+    from pipeline.registry import ALL
 
-    import pipeline.cam  # noqa: F401  (registers the built-in methods)
-    import pipeline.datasets  # noqa: F401
-    import pipeline.models.backbones  # noqa: F401
-    import pipeline.refine  # noqa: F401
-
-    for reg in (BACKBONES, CAM_METHODS, REFINERS, DATASETS):
+    for reg in ALL:
         print(f"{reg.kind}: {', '.join(reg.names())}")
+
+
+def _deps(args):
+    from pipeline.code_graph import CodeGraph, compact_deps
+
+    graph = CodeGraph(args.root)
+    known = graph.stage_names()
+    for stage in args.stage:
+        if stage not in known:
+            raise ValueError(f"unknown stage {stage!r}; stages in {graph.root / 'stages'}: {', '.join(known)}")
+    for stage in args.stage or known:
+        print(f"{stage}:")
+        for dep in compact_deps(graph.stage_files(stage), graph):
+            print(f"  - {dep}")
 
 
 def main(argv=None) -> None:
@@ -138,8 +147,15 @@ def main(argv=None) -> None:
     p.add_argument("--note", action="append", help="a line of text to put under the title; repeatable")
     p.set_defaults(fn=_quality)
 
-    p = sub.add_parser("plugins", help="list backbones, CAM methods, refiners and datasets (built-in and plugins)")
+    p = sub.add_parser("plugins", help="list backbones, CAM methods, CAM training objectives, refiners and datasets "
+                                       "(built-in and plugins)")
     p.set_defaults(fn=_plugins)
+
+    p = sub.add_parser("deps", help="print the code a stage runs (its imports and the built-ins of the registries "
+                                    "it resolves): what its deps in dvc.yaml must list")
+    p.add_argument("stage", nargs="*", metavar="STAGE", help="stage names, e.g. train_aff (default: every stage)")
+    p.add_argument("--root", default=".", help="the project root (holds pipeline/ and stages/)")
+    p.set_defaults(fn=_deps)
 
     args = ap.parse_args(argv)
     try:

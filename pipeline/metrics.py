@@ -139,6 +139,12 @@ def json_safe(data):
     return data
 
 
+def read_json(path: str | Path) -> dict | None:
+    """The JSON object in ``path``, or None when the file is missing."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_json(path: str | Path, data) -> None:
     """Write ``data`` as strict JSON (NaN / inf written as null, see :func:`json_safe`), atomically."""
     path = Path(path)

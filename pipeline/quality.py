@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.report import read_json
+from pipeline.metrics import read_json
 
 METRIC_FILES = {"train_cam": "train_cam.json", "cam": "cam.json", "crf": "crf.json", "rw": "rw.json",
                 "segmenter": "segmenter.json", "upper_bound": "segmenter_gt.json"}

@@ -14,17 +14,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from pipeline.metrics import json_safe
+from pipeline.metrics import json_safe, read_json
 from pipeline.visual import grid, save_figure, save_png
 
 # (key in metrics/labels.json or the report's own rows, label shown, which split it is measured on)
 LABEL_STAGES = (("cam", "CAM", "train"), ("crf", "CRF seeds", "train"), ("rw", "random walk (pseudo masks)", "train"))
-
-
-def read_json(path: str | Path) -> dict | None:
-    """The JSON object in ``path``, or None when the file is missing."""
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def merge_label_metrics(metric_files: dict[str, str | Path]) -> dict:

@@ -38,7 +38,7 @@ def resume_file(model_dir: Path) -> Path:
 def cam_best_threshold() -> float | None:
     """The best background threshold of make_cam's train sweep (``metrics/cam.json``), or None
     when there was no sweep; the ``cam_sweep`` settings of crf and random_walk use it."""
-    from pipeline.report import read_json
+    from pipeline.metrics import read_json
 
     return (read_json(CAM_METRICS) or {}).get("best_threshold")
 

@@ -6,7 +6,7 @@ image, mask, labels file, saliency map or model file is edited, and nothing when
 from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
 from pipeline.provenance import dataset_digest
-from pipeline.saliency import saliency_digest
+from pipeline.saliency.sources import saliency_digest
 from stages.common import DATASET_DIGEST, DIGEST_CACHE, SALIENCY_CACHE, SALIENCY_DIGEST, start
 
 

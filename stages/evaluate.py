@@ -8,9 +8,9 @@ fully-supervised upper bound.
 from pathlib import Path
 
 from pipeline.datasets import PreparedData
-from pipeline.metrics import write_csv, write_json
+from pipeline.metrics import read_json, write_csv, write_json
 from pipeline.progress import stage_timer
-from pipeline.report import build_run_report, merge_label_metrics, read_json
+from pipeline.report import build_run_report, merge_label_metrics
 from pipeline.segment import evaluate_segmenter
 from stages.common import (CAM_METRICS, CAMS, LABEL_METRICS, PLOTS, PREDICTIONS, PREPARED, PSEUDO, REPORTS, SEEDS,
                            SEG_METRICS, SEG_MODEL, start, torch_device)

@@ -3,7 +3,7 @@ export.formats (voc, coco, zarr, coco_instances), each with manifest.json and a 
 (see pipeline.export.run_export)."""
 from pipeline.export import run_export
 from pipeline.progress import stage_timer
-from pipeline.report import read_json
+from pipeline.metrics import read_json
 from stages.common import EXPORTS, INSTANCES, LABEL_METRICS, PREPARED, PSEUDO, start
 
 # the namespaces that decide what the pseudo masks are (recorded in each manifest)

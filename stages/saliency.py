@@ -2,7 +2,7 @@
 from pipeline.compute import resolve_device
 from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
-from pipeline.saliency import make_saliency_store
+from pipeline.saliency.store import make_saliency_store
 from stages.common import PREPARED, SALIENCY, start
 
 

@@ -133,3 +133,22 @@ def test_each_real_photo_switch_reruns_only_its_stage_and_downstream(repo, setti
     ran = _ran(out)
     assert must_run <= ran, (setting, ran)
     assert not ran & must_not_run, (setting, ran)
+
+
+def test_editing_a_stage_library_file_reruns_that_stage_and_what_follows(repo):
+    """train_aff's trainer (pipeline/refine/affinity_training.py) is one of its deps: an edit there is
+    seen by `dvc status`, and `dvc repro` re-runs train_aff and its downstream, nothing upstream."""
+    _run(["dvc", "repro"], repo)
+    trainer = repo / "pipeline/refine/affinity_training.py"
+    original = trainer.read_text()
+    try:
+        trainer.write_text(original + "\n# an edit\n")
+        status = _run(["dvc", "status"], repo)
+        changed = set(re.findall(r"(?m)^([a-z_]+):\s*$", status))
+        assert "train_aff" in changed and "pipeline/refine/affinity_training.py" in status, status
+        assert not changed & {"prepare", "saliency", "train_cam", "make_cam", "crf"}, status
+        ran = _ran(_run(["dvc", "repro"], repo))
+        assert {"train_aff", "random_walk"} <= ran, ran
+        assert not ran & {"prepare", "saliency", "train_cam", "make_cam", "crf"}, ran
+    finally:
+        trainer.write_text(original)

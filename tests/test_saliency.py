@@ -14,10 +14,10 @@ from pipeline.labels import IGNORE_INDEX
 from pipeline.refine.random_walk import make_pseudo_store, pseudo_mask
 from pipeline.refine.runner import open_store
 from pipeline.refine.seeds import make_seed_store
-from pipeline.saliency import (SaliencyError, background_score, make_saliency_store, read_saliency,
-                               read_saliency_png, saliency_digest, seeds_with_saliency, spectral_residual,
-                               walk_background, write_saliency_pngs)
-from pipeline.saliency.sources import folder_map
+from pipeline.saliency.maps import SaliencyError
+from pipeline.saliency.rules import background_score, seeds_with_saliency, walk_background
+from pipeline.saliency.sources import folder_map, read_saliency_png, saliency_digest, spectral_residual
+from pipeline.saliency.store import make_saliency_store, read_saliency, write_saliency_pngs
 from synthetic import tiny_demo, write_fake_cams
 
 SAL = dict(defaults()["saliency"])

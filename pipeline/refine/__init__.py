@@ -1,4 +1,4 @@
-"""Refiners that turn CAMs into pseudo masks: CRF seeds (seeds.py, crf.py) and the AffinityNet
-random walk (random_walk.py). Importing the package registers the built-in seed makers in
-``pipeline.registry.REFINERS`` ("affinitynet", "irnet")."""
-from pipeline.refine import seeds  # noqa: F401  (registers the seed makers)
+"""Refiners that turn CAMs into pseudo masks: CRF seeds (seeds.py, crf.py), AffinityNet training and
+the random walk (affinity_training.py, random_walk.py, feature_affinity.py), instances. The built-in
+seed makers ("affinitynet", "irnet") are registered in ``pipeline.registry.REFINERS`` by seeds.py,
+which the registry imports when ``crf.mode`` first names one."""

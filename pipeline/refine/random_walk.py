@@ -21,7 +21,8 @@ import torch
 
 from pipeline.labels import IGNORE_INDEX, grid_to_image, resize_maps, to_class_labels, with_background
 from pipeline.models.affinity import in_bounds, shifted
-from pipeline.saliency import read_saliency, saliency_for, walk_background
+from pipeline.saliency.rules import saliency_for, walk_background
+from pipeline.saliency.store import read_saliency
 from pipeline.refine.runner import (open_prepared, open_store, required_cam_threshold, saliency_store_fingerprint,
                                     write_scored_label_store)
 

@@ -39,7 +39,8 @@ from pipeline.refine.runner import (open_prepared, open_store, read_cams, requir
                                     saliency_store_fingerprint, write_scored_label_store)
 from pipeline.refine.crf import CrfSettings, crf_argmax, label_crf
 from pipeline.registry import REFINERS, check_options
-from pipeline.saliency import read_saliency, saliency_for, seeds_with_saliency
+from pipeline.saliency.rules import saliency_for, seeds_with_saliency
+from pipeline.saliency.store import read_saliency
 
 
 MERGE_RULES = ("published", "agree")
