@@ -13,6 +13,7 @@ from typing import Sequence
 import yaml
 
 from pipeline.config import SCHEMA, ParamsError, defaults, load_params, validate
+from pipeline.paths import METRICS
 
 log = logging.getLogger("wsss")
 
@@ -183,16 +184,16 @@ def read_row(setting: dict, repo: str | Path = ".", ref: str | None = None, unti
     A disabled stage passes its input through; its column shows the mIoU of what it passed on,
     marked ``(off)``."""
     read = _metrics_reader(Path(repo), ref)
-    files = {"CAM": "cam", "CRF seeds": "crf", "random walk": "rw"}
+    files = {"CAM": "cam", "CRF seeds": "crf", "random walk": "rw"}  # column -> key of pipeline.paths.METRICS
     row = dict(setting)
     for title in columns_until(until, repo):
         if title == "segmenter (val)":
-            row[title] = read("metrics/segmenter.json").get("miou")
+            row[title] = read(METRICS["segmenter"].as_posix()).get("miou")
             continue
         if title == "instance AP50":
-            row[title] = (read("metrics/instances.json", missing_ok=True).get("instance_quality") or {}).get("ap50")
+            row[title] = (read(METRICS["instances"].as_posix(), missing_ok=True).get("instance_quality") or {}).get("ap50")
             continue
-        m = read(f"metrics/{files.get(title, 'crf')}.json")
+        m = read(METRICS[files.get(title, "crf")].as_posix())
         if title == "seeds precision / coverage":
             row[title] = (f"{m['precision']} / {m['coverage']}" if m.get("precision") is not None
                           and m.get("enabled", True) else None)

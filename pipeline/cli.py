@@ -92,6 +92,7 @@ def _deps(args):
 
 
 def main(argv=None) -> None:
+    from pipeline.paths import INSTANCES, METRICS, METRICS_DIR, PREPARED, PSEUDO, SALIENCY
     from pipeline.presets import PRESETS
 
     ap = argparse.ArgumentParser(prog="wsss", description="Weakly-supervised segmentation pseudo-label pipeline")
@@ -114,18 +115,18 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
     p.add_argument("--force", action="store_true",
                    help="replace a previous export in --out (any other non-empty folder is always refused)")
-    p.add_argument("--store", default="data/pseudo.zarr", help="mask store to export")
-    p.add_argument("--instances", default="data/instances.zarr", help="instance store (format coco_instances)")
-    p.add_argument("--prepared", default="data/prepared")
+    p.add_argument("--store", default=str(PSEUDO), help="mask store to export")
+    p.add_argument("--instances", default=str(INSTANCES), help="instance store (format coco_instances)")
+    p.add_argument("--prepared", default=str(PREPARED))
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--metrics", default="metrics/labels.json", help="label-quality metrics to put in the manifest")
+    p.add_argument("--metrics", default=str(METRICS["labels"]), help="label-quality metrics to put in the manifest")
     p.set_defaults(fn=_export)
 
     p = sub.add_parser("saliency", help="write saliency.source's maps of the prepared data as grey PNGs <id>.png")
     p.add_argument("--out", required=True, help="output folder (reuse it with saliency.source: folder)")
     p.add_argument("--split", default=None, help="split to write (default data.train_split)")
-    p.add_argument("--store", default="data/saliency.zarr", help="read the maps from this store when it holds them")
-    p.add_argument("--prepared", default="data/prepared")
+    p.add_argument("--store", default=str(SALIENCY), help="read the maps from this store when it holds them")
+    p.add_argument("--prepared", default=str(PREPARED))
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(fn=_saliency)
 
@@ -142,7 +143,7 @@ def main(argv=None) -> None:
 
     p = sub.add_parser("quality", help="write the label-quality table of the last run as markdown")
     p.add_argument("--out", default="reports/quality.md")
-    p.add_argument("--metrics", default="metrics", help="folder with the stages' metrics json files")
+    p.add_argument("--metrics", default=str(METRICS_DIR), help="folder with the stages' metrics json files")
     p.add_argument("--title", default="Label quality")
     p.add_argument("--note", action="append", help="a line of text to put under the title; repeatable")
     p.set_defaults(fn=_quality)

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.metrics import read_json
+from pipeline.paths import METRICS
 
-METRIC_FILES = {"train_cam": "train_cam.json", "cam": "cam.json", "crf": "crf.json", "rw": "rw.json",
-                "segmenter": "segmenter.json", "upper_bound": "segmenter_gt.json"}
+# the metrics files the table reads (file names inside the metrics folder given)
+METRIC_FILES = {key: METRICS[key].name for key in ("train_cam", "cam", "crf", "rw", "segmenter", "upper_bound")}
 
 # (label, key) of the stages in table order
 STAGES = (("CAM (best threshold)", "cam"), ("CRF seeds (labelled pixels)", "crf"), ("random walk = pseudo masks", "rw"),

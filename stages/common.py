@@ -1,33 +1,14 @@
-"""What every stage shares: where its files live and how it starts."""
+"""What every stage shares: where its files live (re-exported from :mod:`pipeline.paths`) and how it starts."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 from pipeline.config import load_params
+from pipeline.paths import (AFF_MODEL, CAM_METRICS, CAM_MODEL, CAMS, DATASET_DIGEST, DIGEST_CACHE,  # noqa: F401
+                            EXPORTS, INSTANCES, LABEL_METRICS, METRICS, PLOTS, PREDICTIONS, PREPARED, PSEUDO,
+                            REPORTS, SALIENCY, SALIENCY_CACHE, SALIENCY_DIGEST, SEEDS, SEG_METRICS, SEG_MODEL)
 from pipeline.progress import setup_logging
-
-DATASET_DIGEST = Path("data/dataset_digest.json")
-DIGEST_CACHE = Path("data/.dataset_digest_cache.json")  # (size, mtime) -> sha256 of each dataset file
-SALIENCY_DIGEST = Path("data/saliency_digest.json")
-SALIENCY_CACHE = Path("data/.saliency_digest_cache.json")
-SALIENCY = Path("data/saliency.zarr")
-PREPARED = Path("data/prepared")
-CAM_MODEL = Path("models/cam")
-CAMS = Path("data/cams.zarr")
-CAM_METRICS = Path("metrics/cam.json")
-SEEDS = Path("data/seeds.zarr")
-AFF_MODEL = Path("models/affinity")
-PSEUDO = Path("data/pseudo.zarr")
-INSTANCES = Path("data/instances.zarr")
-SEG_MODEL = Path("models/seg")
-PREDICTIONS = Path("data/predictions.zarr")
-LABEL_METRICS = Path("metrics/labels.json")
-SEG_METRICS = Path("metrics/segmenter.json")
-PLOTS = Path("plots")
-REPORTS = Path("reports")
-EXPORTS = Path("exports/pseudo_masks")
-
 
 def resume_file(model_dir: Path) -> Path:
     """Where a training stage keeps its per-epoch resume checkpoint: ``models/<name>.partial/resume.pt``,

@@ -3,7 +3,7 @@ from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
 from pipeline.refine.seeds import make_seeds
 from pipeline.visual import save_png
-from stages.common import CAMS, PLOTS, PREPARED, SALIENCY, SEEDS, cam_best_threshold, start
+from stages.common import CAMS, METRICS, PLOTS, PREPARED, SALIENCY, SEEDS, cam_best_threshold, start
 
 
 def main() -> None:
@@ -14,7 +14,7 @@ def main() -> None:
         t.n = m["images"]
         t.extra = (f"mode {m['mode']}, coverage {m['coverage']}%, precision {m['precision']}%, "
                    f"mIoU over labelled {m['miou']}%")
-    write_json("metrics/crf.json", m)
+    write_json(METRICS["crf"], m)
     if result["gallery"] is not None:
         save_png(PLOTS / "crf" / "gallery.png", result["gallery"])
 

@@ -12,10 +12,10 @@ from pipeline.metrics import read_json, write_csv, write_json
 from pipeline.progress import stage_timer
 from pipeline.report import build_run_report, merge_label_metrics
 from pipeline.segment import evaluate_segmenter
-from stages.common import (CAM_METRICS, CAMS, LABEL_METRICS, PLOTS, PREDICTIONS, PREPARED, PSEUDO, REPORTS, SEEDS,
-                           SEG_METRICS, SEG_MODEL, start, torch_device)
+from stages.common import (CAM_METRICS, CAMS, LABEL_METRICS, METRICS, PLOTS, PREDICTIONS, PREPARED, PSEUDO, REPORTS,
+                           SEEDS, SEG_METRICS, SEG_MODEL, start, torch_device)
 
-UPPER_BOUND = Path("metrics/segmenter_gt.json")
+UPPER_BOUND = METRICS["upper_bound"]
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     write_json(SEG_METRICS, m)
     if on == "gt":
         write_json(UPPER_BOUND, m)
-    labels = merge_label_metrics({"cam": CAM_METRICS, "crf": "metrics/crf.json", "rw": "metrics/rw.json"})
+    labels = merge_label_metrics({key: METRICS[key] for key in ("cam", "crf", "rw")})
     write_json(LABEL_METRICS, labels)
     rows = build_run_report(prepared, params, result, labels, m if on == "gt" else read_json(UPPER_BOUND),
                             {"cam": CAMS, "crf": SEEDS, "rw": PSEUDO}, REPORTS, device)

@@ -4,7 +4,7 @@ from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
 from pipeline.refine.instances import make_instance_masks_and_gallery
 from pipeline.visual import save_png
-from stages.common import AFF_MODEL, CAMS, INSTANCES, PLOTS, PREPARED, cam_best_threshold, start
+from stages.common import AFF_MODEL, CAMS, INSTANCES, METRICS, PLOTS, PREPARED, cam_best_threshold, start
 
 
 def main() -> None:
@@ -17,7 +17,7 @@ def main() -> None:
         ap = m["instance_quality"]["ap50"]
         t.extra = (f"{m['instances']} instances, mIoU of their classes {m['miou']}%"
                    + (f", mask AP50 {ap}%" if ap is not None else ""))
-    write_json("metrics/instances.json", m)
+    write_json(METRICS["instances"], m)
     if result["gallery"] is not None:
         save_png(PLOTS / "instances" / "gallery.png", result["gallery"])
 

@@ -4,7 +4,7 @@ from pipeline.metrics import write_json
 from pipeline.prepare import class_statistics, prepare_dataset, save_contact_sheet
 from pipeline.progress import stage_timer
 from pipeline.provenance import dataset_digest
-from stages.common import DIGEST_CACHE, PLOTS, PREPARED, start
+from stages.common import DIGEST_CACHE, METRICS, PLOTS, PREPARED, start
 
 
 def main() -> None:
@@ -17,7 +17,7 @@ def main() -> None:
         t.extra = f"{summary['skipped']} skipped (see {PREPARED / 'skipped.json'})"
     prepared = PreparedData(data, PREPARED)
     summary["train_classes"] = class_statistics(prepared, data["train_split"])
-    write_json("metrics/data.json", summary)
+    write_json(METRICS["data"], summary)
     save_contact_sheet(prepared, data["train_split"], PLOTS / "data" / "contact_sheet.png")
 
 

@@ -3,7 +3,7 @@ from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
 from pipeline.refine.random_walk import make_pseudo_masks
 from pipeline.visual import save_png
-from stages.common import AFF_MODEL, CAMS, PLOTS, PREPARED, PSEUDO, SALIENCY, SEEDS, cam_best_threshold, start
+from stages.common import AFF_MODEL, CAMS, METRICS, PLOTS, PREPARED, PSEUDO, SALIENCY, SEEDS, cam_best_threshold, start
 
 
 def main() -> None:
@@ -14,7 +14,7 @@ def main() -> None:
         m = result["metrics"]
         t.n = m["images"]
         t.extra = f"{'random walk' if params['rw']['enabled'] else 'disabled: CAM labels'}, mIoU {m['miou']}%"
-    write_json("metrics/rw.json", m)
+    write_json(METRICS["rw"], m)
     if result["gallery"] is not None:
         save_png(PLOTS / "rw" / "gallery.png", result["gallery"])
 

@@ -3,7 +3,7 @@ from pipeline.compute import resolve_device
 from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
 from pipeline.saliency.store import make_saliency_store
-from stages.common import PREPARED, SALIENCY, start
+from stages.common import METRICS, PREPARED, SALIENCY, start
 
 
 def main() -> None:
@@ -14,7 +14,7 @@ def main() -> None:
         t.n = m["images"]
         t.extra = (f"source {m['source']}, foreground IoU {m['foreground_iou']}%, background IoU {m['background_iou']}% "
                    f"(threshold {m['threshold']})")
-    write_json("metrics/saliency.json", m)
+    write_json(METRICS["saliency"], m)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ from pipeline.cam.run import train_and_save
 from pipeline.datasets import PreparedData
 from pipeline.metrics import write_csv, write_json
 from pipeline.progress import stage_timer
-from stages.common import CAM_MODEL, PLOTS, PREPARED, resume_file, start, torch_device
+from stages.common import CAM_MODEL, METRICS, PLOTS, PREPARED, resume_file, start, torch_device
 
 
 def main() -> None:
@@ -15,7 +15,7 @@ def main() -> None:
         m = result["metrics"]
         t.n = m["train_images"] * m["epochs"]
         t.extra = f"val mAP {m.get('val_map')}, final loss {m['final_loss']}, on {device}"
-    write_json("metrics/train_cam.json", m)
+    write_json(METRICS["train_cam"], m)
     write_csv(PLOTS / "train_cam" / "history.csv", result["history"], ["epoch", "loss", "images_per_s"])
 
 

@@ -98,12 +98,13 @@ def test_published_presets_hold_the_papers_settings():
 
 
 def test_stage_paths_match_dvc_yaml():
-    """Every path stages/common.py names is an output or dependency in dvc.yaml, spelled the same."""
+    """Every path pipeline/paths.py names is an output or dependency in dvc.yaml, spelled the same, and
+    every metrics file dvc.yaml declares is in its METRICS table."""
     from pathlib import Path
 
     import yaml
 
-    import stages.common as common
+    import pipeline.paths as paths_module
 
     root = Path(__file__).resolve().parents[1]
     graph = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
@@ -112,9 +113,12 @@ def test_stage_paths_match_dvc_yaml():
         for kind in ("deps", "outs", "metrics", "plots"):
             for entry in stage.get(kind, []):
                 declared.add(str(next(iter(entry))) if isinstance(entry, dict) else str(entry))
-    paths = {name: str(v) for name, v in vars(common).items() if isinstance(v, Path) and name.isupper()}
+    paths = {name: str(v) for name, v in vars(paths_module).items() if isinstance(v, Path) and name.isupper()}
     undeclared_ok = {"DIGEST_CACHE", "SALIENCY_CACHE"}  # a stat cache beside the output, not tracked
     for name, path in paths.items():
         if name in undeclared_ok:
             continue
         assert path in declared or any(d.startswith(path + "/") for d in declared), (name, path)
+    declared_metrics = {str(next(iter(e))) if isinstance(e, dict) else str(e)
+                        for stage in graph.values() for e in stage.get("metrics", [])}
+    assert declared_metrics <= {str(p) for p in paths_module.METRICS.values()}, declared_metrics
