@@ -5,10 +5,16 @@ import logging
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.paths import (AFF_MODEL, CAM_METRICS, CAM_MODEL, CAMS, DATASET_DIGEST, DIGEST_CACHE,  # noqa: F401
+from pipeline.paths import (AFF_MODEL, CAM_METRICS, CAM_MODEL, CAMS, DATASET_DIGEST, DIGEST_CACHE,
                             EXPORTS, INSTANCES, LABEL_METRICS, METRICS, PLOTS, PREDICTIONS, PREPARED, PSEUDO,
                             REPORTS, SALIENCY, SALIENCY_CACHE, SALIENCY_DIGEST, SEEDS, SEG_METRICS, SEG_MODEL)
 from pipeline.progress import setup_logging
+
+__all__ = ["AFF_MODEL", "CAM_METRICS", "CAM_MODEL", "CAMS", "DATASET_DIGEST", "DIGEST_CACHE", "EXPORTS", "INSTANCES",
+           "LABEL_METRICS", "METRICS", "PLOTS", "PREDICTIONS", "PREPARED", "PSEUDO", "REPORTS", "SALIENCY",
+           "SALIENCY_CACHE", "SALIENCY_DIGEST", "SEEDS", "SEG_METRICS", "SEG_MODEL", "cam_best_threshold", "resume_file",
+           "start", "torch_device"]
+
 
 def resume_file(model_dir: Path) -> Path:
     """Where a training stage keeps its per-epoch resume checkpoint: ``models/<name>.partial/resume.pt``,

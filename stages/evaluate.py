@@ -5,14 +5,12 @@ When the segmenter was trained on GT (``dvc exp run -S seg.labels=gt``) its metr
 written to metrics/segmenter_gt.json; later runs on pseudo masks show that file as the
 fully-supervised upper bound.
 """
-from pathlib import Path
-
 from pipeline.datasets import PreparedData
 from pipeline.metrics import read_json, write_csv, write_json
 from pipeline.progress import stage_timer
 from pipeline.report import build_run_report, merge_label_metrics
 from pipeline.segment import evaluate_segmenter
-from stages.common import (CAM_METRICS, CAMS, LABEL_METRICS, METRICS, PLOTS, PREDICTIONS, PREPARED, PSEUDO, REPORTS,
+from stages.common import (CAMS, LABEL_METRICS, METRICS, PLOTS, PREDICTIONS, PREPARED, PSEUDO, REPORTS,
                            SEEDS, SEG_METRICS, SEG_MODEL, start, torch_device)
 
 UPPER_BOUND = METRICS["upper_bound"]

@@ -15,7 +15,6 @@ import torch
 import pipeline.cam  # noqa: F401  (registers the built-in CAM methods)
 import pipeline.cam.objectives  # noqa: F401  (registers the built-in training objectives)
 import pipeline.datasets  # noqa: F401  (registers the built-in datasets)
-import pipeline.refine  # noqa: F401  (registers the built-in seed makers)
 from pipeline.cam import CamInference, GradientCamMethod, build_method
 from pipeline.cam.infer import scale_inputs
 from pipeline.config import ParamsError, validate

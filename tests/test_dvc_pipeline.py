@@ -137,7 +137,8 @@ def test_each_real_photo_switch_reruns_only_its_stage_and_downstream(repo, setti
 
 def test_editing_a_stage_library_file_reruns_that_stage_and_what_follows(repo):
     """train_aff's trainer (pipeline/refine/affinity_training.py) is one of its deps: an edit there is
-    seen by `dvc status`, and `dvc repro` re-runs train_aff and its downstream, nothing upstream."""
+    seen by `dvc status`, and `dvc repro` re-runs train_aff, nothing upstream. (A comment leaves the
+    seeded model byte-identical, so DVC rightly skips what follows; a change to the weights re-runs it.)"""
     _run(["dvc", "repro"], repo)
     trainer = repo / "pipeline/refine/affinity_training.py"
     original = trainer.read_text()
@@ -148,7 +149,7 @@ def test_editing_a_stage_library_file_reruns_that_stage_and_what_follows(repo):
         assert "train_aff" in changed and "pipeline/refine/affinity_training.py" in status, status
         assert not changed & {"prepare", "saliency", "train_cam", "make_cam", "crf"}, status
         ran = _ran(_run(["dvc", "repro"], repo))
-        assert {"train_aff", "random_walk"} <= ran, ran
+        assert "train_aff" in ran, ran
         assert not ran & {"prepare", "saliency", "train_cam", "make_cam", "crf"}, ran
     finally:
         trainer.write_text(original)

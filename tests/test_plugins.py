@@ -145,6 +145,5 @@ def test_bad_dotted_path_names_the_module():
 
 
 def test_refiner_registry_holds_both_crf_modes():
-    import pipeline.refine  # noqa: F401  (registers the built-in seed makers)
 
     assert {"affinitynet", "irnet"} <= set(REFINERS.names())

@@ -27,6 +27,7 @@ from pipeline.export.manifest import build_manifest, datasheet, dvc_lock_hashes_
 from pipeline.metrics import ConfusionMatrix
 from pipeline.progress import progress_bar
 from pipeline.labels import IGNORE_INDEX
+from pipeline.refine.instance_store import instance_items
 from pipeline.store import Store, StoreError
 
 log = logging.getLogger("wsss")
@@ -184,13 +185,6 @@ def _open_instance_store(path: str | Path | None, class_names: list[str]) -> Sto
     if store.attrs.get("class_names") not in (None, class_names):
         raise ExportError(f"{path}: class names {store.attrs['class_names']} differ from the prepared dataset's {class_names}")
     return store
-
-
-def instance_items(store: Store) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """(image_id, instance, mask, score) for every image of an instance store."""
-    masks, scores = store.iter("mask"), store.iter("score")
-    for (i, inst), (_, mask), (_, score) in zip(store.iter("instance"), masks, scores):
-        yield store.ids[i], inst, mask, score
 
 
 def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_params: dict, formats: Sequence[str],

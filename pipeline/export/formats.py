@@ -18,16 +18,14 @@ checked against the source store.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import warnings
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from pipeline.coco import CocoError, instance_annotations, quiet_pycocotools, rle_regions
 from pipeline.datasets.imageio import read_label_png, write_label_png
 from pipeline.labels import IGNORE_INDEX
 from pipeline.store import Store
@@ -80,26 +78,6 @@ def read_voc(folder: str | Path, split: str | None = None) -> dict[str, np.ndarr
 
 
 # --- COCO -----------------------------------------------------------------------------------
-
-def rle_regions(regions: list[np.ndarray]) -> list[dict]:
-    """Binary (H, W) masks -> COCO {"segmentation" (compressed RLE), "area", "bbox", "iscrowd": 0} each."""
-    from pycocotools import mask as mask_utils
-
-    if not regions:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(np.stack(regions, axis=2).astype(np.uint8)))
-    return [{"segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-             "area": float(area), "bbox": [float(v) for v in box], "iscrowd": 0}
-            for rle, area, box in zip(rles, mask_utils.area(rles), mask_utils.toBbox(rles))]
-
-
-@contextlib.contextmanager
-def quiet_pycocotools():
-    """pycocotools prints progress, and warns on every decode under numpy 2: not ours to fix."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-        yield
-
 
 def mask_annotations(mask: np.ndarray, num_classes: int) -> list[dict]:
     """One COCO annotation dict per class present in ``mask`` (without id / image_id)."""
@@ -180,19 +158,6 @@ def read_zarr(folder: str | Path) -> dict[str, np.ndarray]:
 
 # --- COCO instances ---------------------------------------------------------------------------
 
-def instance_annotations(instance: np.ndarray, mask: np.ndarray, score: np.ndarray, num_classes: int) -> list[dict]:
-    """One COCO annotation dict per instance of an instance-store image (without id / image_id)."""
-    ids = [int(k) for k in np.unique(instance) if k != 0]
-    regions = [instance == k for k in ids]
-    out = []
-    for k, pixels, region in zip(ids, regions, rle_regions(regions)):
-        classes = np.unique(mask[pixels])
-        if len(classes) != 1 or not 0 < int(classes[0]) < num_classes:
-            raise ExportError(f"instance {k} has class values {classes.tolist()}; expected one class in 1..{num_classes - 1}")
-        out.append({"category_id": int(classes[0]), **region, "score": round(float(score[pixels].max()), 5)})
-    return out
-
-
 def write_coco_instances(out: Path, items: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]], split: str,
                          class_names: list[str], file_name: Callable[[str], str], info: dict,
                          tick: Callable[[], None] = lambda: None) -> list[str]:
@@ -204,7 +169,10 @@ def write_coco_instances(out: Path, items: Iterable[tuple[str, np.ndarray, np.nd
         images.append({"id": n, "file_name": file_name(image_id), "height": int(h), "width": int(w),
                        "image_key": image_id})
         try:
-            anns = instance_annotations(instance, mask, score, len(class_names))
+            try:
+                anns = instance_annotations(instance, mask, score, len(class_names))
+            except CocoError as e:
+                raise ExportError(f"{image_id}: {e}") from None
         except ExportError as e:
             raise ExportError(f"image {image_id!r}: {e}") from None
         for ann in anns:

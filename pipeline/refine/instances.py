@@ -184,7 +184,7 @@ def make_instance_masks(task: InstanceTask) -> dict[str, np.ndarray]:
 
 def instance_counts(store) -> dict:
     """How many instances the store holds: total, per image, and images with two or more of one class."""
-    from pipeline.export import instance_items
+    from pipeline.refine.instance_store import instance_items
 
     total, multi = 0, 0
     for _, inst, mask, _ in instance_items(store):
@@ -200,7 +200,7 @@ def instance_counts(store) -> dict:
 def gt_instance_annotations(instance_gt: np.ndarray, gt: np.ndarray) -> list[dict]:
     """COCO annotations (without ids) of an image's GT instances: each instance's class is the GT
     class under most of its pixels (void 255 and background left out)."""
-    from pipeline.export.formats import rle_regions
+    from pipeline.coco import rle_regions
 
     regions, classes = [], []
     for k in np.unique(instance_gt):
@@ -221,8 +221,8 @@ def instance_ap(prepared, store) -> dict:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from pipeline.export import instance_items
-    from pipeline.export.formats import instance_annotations, quiet_pycocotools
+    from pipeline.coco import instance_annotations, quiet_pycocotools
+    from pipeline.refine.instance_store import instance_items
 
     images, gts, dets = [], [], []
     for n, (image_id, instance, mask, score) in enumerate(instance_items(store), start=1):
