@@ -140,7 +140,7 @@ def child(method: str, inputs: str, out: str, threads: int, ftz: bool, repeats: 
     gh, gw = colours.shape[:2]
     c = scores.shape[0]
     if method == "ours":
-        from pipeline.models.affinity import pair_offsets, shifted
+        from pipeline.models.pairs import pair_offsets, shifted
         from pipeline.refine.random_walk import random_walk
 
         offsets = pair_offsets(RADIUS)

@@ -98,7 +98,8 @@ def main() -> None:
         ref = ref or med
         print(f"| {name} | {lo:.2f} | {med:.2f} | {hi:.2f} | {ref / med:.2f}x |", flush=True)
 
-    from pipeline.models.affinity import AffinityNet, pair_offsets
+    from pipeline.models.affinity import AffinityNet
+    from pipeline.models.pairs import pair_offsets
 
     offsets = pair_offsets(5)
     torch.manual_seed(0)

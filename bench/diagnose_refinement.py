@@ -30,7 +30,8 @@ from pipeline.config import load_params  # noqa: E402
 from pipeline.metrics import ConfusionMatrix  # noqa: E402
 from pipeline.labels import present_classes  # noqa: E402
 from pipeline.refine.runner import open_prepared, read_cams  # noqa: E402
-from pipeline.refine.random_walk import image_affinities, pseudo_mask, resolve_background  # noqa: E402
+from pipeline.refine.random_walk import pseudo_mask, resolve_background  # noqa: E402
+from pipeline.refine.walk_affinity import image_affinities
 from pipeline.refine.seeds import resolve_thresholds, seeds_for_image  # noqa: E402
 from pipeline.saliency.rules import background_score, seeds_with_saliency  # noqa: E402
 from pipeline.saliency.sources import SaliencySource  # noqa: E402
@@ -64,7 +65,8 @@ def _work(job):
     params, ids, seeds, walks = job
     import torch
 
-    from pipeline.models.affinity import load_affinity_net, pair_offsets
+    from pipeline.models.affinity import load_affinity_net
+    from pipeline.models.pairs import pair_offsets
 
     torch.set_num_threads(1)
     prepared = open_prepared(PREPARED, params["data"])

@@ -1,7 +1,7 @@
 """Stage random_walk: data/cams.zarr + models/affinity -> data/pseudo.zarr, metrics/rw.json, plots/rw/gallery.png."""
 from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
-from pipeline.refine.random_walk import make_pseudo_masks
+from pipeline.refine.walk_store import make_pseudo_masks
 from pipeline.visual import save_png
 from stages.common import AFF_MODEL, CAMS, METRICS, PLOTS, PREPARED, PSEUDO, SALIENCY, SEEDS, cam_best_threshold, start
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models.affinity import (AffinityNet, affinity_loss, build_affinity_net, load_affinity_net, pair_labels,
-                                      pair_offsets, seed_to_grid)
+from pipeline.models.affinity import AffinityNet, affinity_loss, build_affinity_net, load_affinity_net
+from pipeline.models.pairs import pair_labels, pair_offsets, seed_to_grid
 from pipeline.models.backbones import build_backbone
 from synthetic import tiny_data_with_gt_seeds
 from pipeline.store import Store

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.labels import with_background
-from pipeline.models.affinity import pair_offsets
+from pipeline.models.pairs import pair_offsets
 from pipeline.refine.crf import CrfSettings, crf_marginals, label_crf
 from pipeline.refine.random_walk import pseudo_mask, random_walk
 from pipeline.refine.seeds import AffinityNetSeeds, IRNetSeeds, merge_seeds, seeds_for_image

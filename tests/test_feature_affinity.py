@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from pipeline.augment import normalise
-from pipeline.models.affinity import build_affinity_net, pair_offsets, save_affinity_net
+from pipeline.models.affinity import build_affinity_net, save_affinity_net
+from pipeline.models.pairs import pair_offsets
 from pipeline.models.backbones import build_backbone
 from pipeline.refine.feature_affinity import (FeatureAffinity, MixedAffinity, colour_similarity, feature_similarity,
                                               load_walk_affinity, save_feature_affinity)
-from pipeline.refine.random_walk import image_affinities, pseudo_mask
+from pipeline.refine.random_walk import pseudo_mask
+from pipeline.refine.walk_affinity import image_affinities
 
 
 def test_feature_similarity_is_one_inside_a_region_and_zero_across_orthogonal_features():

@@ -15,8 +15,8 @@ from pipeline.presets import preset
 from pipeline.datasets import PreparedData
 from pipeline.export import ExportError, read_export, run_export
 from pipeline.labels import IGNORE_INDEX
-from pipeline.models.affinity import (affinity_checkpoint, build_affinity_net, displacement_loss, load_affinity_net,
-                                      pair_labels, pair_offsets)
+from pipeline.models.affinity import affinity_checkpoint, build_affinity_net, displacement_loss, load_affinity_net
+from pipeline.models.pairs import pair_labels, pair_offsets
 from pipeline.prepare import prepare_dataset
 from pipeline.refine.affinity_training import DISPLACEMENT_LR_MULT
 from pipeline.refine.instances import (centre_clusters, converge, instance_candidates, instance_masks,

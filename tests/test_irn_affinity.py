@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.models.affinity import (AffinityNet, BoundaryAffinityNet, affinity_checkpoint, affinity_loss,
-                                      build_affinity_net, load_affinity_net, pair_labels, pair_offsets,
-                                      segment_points)
+                                      build_affinity_net, load_affinity_net)
+from pipeline.models.pairs import pair_labels, pair_offsets, segment_points
 from pipeline.checkpoint import save_checkpoint
 
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from pipeline.datasets import PreparedData
-from pipeline.models.affinity import AffinityNet, affinity_checkpoint, pair_offsets
+from pipeline.models.affinity import AffinityNet, affinity_checkpoint
+from pipeline.models.pairs import pair_offsets
 from pipeline.models.backbones import build_backbone
 from pipeline.labels import grid_to_image, to_class_labels, with_background
 from pipeline.refine.runner import open_store
-from pipeline.refine.random_walk import (dense_transition, make_pseudo_store, propagate, pseudo_mask, random_walk,
-                                         random_walk_dense, stencil, transition_weights)
+from pipeline.refine.random_walk import dense_transition, propagate, pseudo_mask, random_walk, random_walk_dense, stencil, transition_weights
+from pipeline.refine.walk_store import make_pseudo_store
 from synthetic import tiny_demo, write_fake_cams
 from pipeline.checkpoint import save_checkpoint
 

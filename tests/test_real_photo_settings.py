@@ -10,7 +10,8 @@ import torch
 from pipeline.config import ParamsError, defaults, with_overrides
 from pipeline.presets import preset
 from pipeline.metrics import ConfusionMatrix
-from pipeline.models.affinity import AffinityNet, build_affinity_net, pair_offsets
+from pipeline.models.affinity import AffinityNet, build_affinity_net
+from pipeline.models.pairs import pair_offsets
 from pipeline.models.backbones import build_backbone
 from pipeline.models.classifier import build_classifier
 from pipeline.models.segmenter import Segmenter

@@ -19,7 +19,7 @@ from pipeline.cam.evaluate import ThresholdSweep, threshold_range
 from pipeline.config import defaults
 from pipeline.labels import grid_to_image
 from pipeline.metrics import ConfusionMatrix
-from pipeline.models.affinity import pair_offsets
+from pipeline.models.pairs import pair_offsets
 from pipeline.refine.random_walk import pseudo_mask, resolve_background
 from pipeline.refine.seeds import resolve_thresholds, seeds_for_image
 

@@ -21,7 +21,7 @@ from pipeline.datasets import PreparedData
 from pipeline.models.affinity import AffinityNet, affinity_checkpoint
 from pipeline.models.backbones import build_backbone
 from pipeline.refine.runner import open_store
-from pipeline.refine.random_walk import make_pseudo_mask, make_pseudo_store
+from pipeline.refine.walk_store import make_pseudo_mask, make_pseudo_store
 from pipeline.refine.seeds import make_seed, make_seed_store
 from synthetic import tiny_demo, write_fake_cams
 from pipeline.store import ArraySpec, Store, StoreError, StoreWriter, write_store
@@ -87,7 +87,7 @@ def test_crf_resume_discards_seeds_made_by_other_code(demo, tmp_path, monkeypatc
 
 
 def test_random_walk_resume_discards_masks_of_an_older_affinity_model(demo, tmp_path, monkeypatch, caplog):
-    import pipeline.refine.random_walk as rw_module
+    import pipeline.refine.walk_store as rw_module
 
     params, prepared_dir, cams = demo
     ck = tmp_path / "affinity.pt"
@@ -344,3 +344,34 @@ def test_load_accepts_registered_names_and_dotted_paths():
     p = validate({"cam": {"method": "gradcampp", "backbone": "resnet18"}, "crf": {"mode": "irnet"}})
     assert p["cam"]["method"] == "gradcampp"
     assert validate({"cam": {"method": "pipeline.cam.methods:GradCAM"}})["cam"]["method"].endswith("GradCAM")
+
+
+def test_per_image_tasks_carry_absolute_paths_so_a_worker_elsewhere_reads_this_run(demo, tmp_path, monkeypatch):
+    """A dask worker whose working directory is another folder (another workspace with the same layout)
+    must read this run's prepared data, CAMs and model: every ImageTask's paths are absolute."""
+    from pipeline.refine.instances import InstanceTask
+    from pipeline.refine.seeds import SeedTask
+    from pipeline.refine.walk_store import WalkTask
+
+    params, prepared_dir, cams = demo
+    ck = tmp_path / "run" / "models" / "affinity.pt"
+    ck.parent.mkdir(parents=True)
+    torch.manual_seed(3)
+    save_checkpoint(ck, affinity_checkpoint(AffinityNet(build_backbone("tiny", "none"), stride=4), "tiny", radius=2))
+    image_id = PreparedData(params["data"], prepared_dir).ids("train")[0]
+    monkeypatch.chdir(tmp_path / "run")
+    rel = lambda p: os.path.relpath(p, tmp_path / "run")  # noqa: E731
+    data = dict(params["data"], root=rel(params["data"]["root"]))
+    task = WalkTask(image_id, rel(prepared_dir), data, rel(cams), "models/affinity.pt", RW, params["crf"])
+    seed_task = SeedTask(image_id, rel(prepared_dir), data, rel(cams), params["crf"])
+    inst_task = InstanceTask(image_id, rel(prepared_dir), data, rel(cams), "models/affinity.pt", RW, {})
+    for t in (task, seed_task, inst_task):
+        assert Path(t.prepared_dir).is_absolute() and Path(t.cams_path).is_absolute()
+        assert Path(t.data["root"]).is_absolute()
+    assert task.model_path == str(ck.resolve())
+    here = make_pseudo_mask(task)
+    elsewhere = tmp_path / "other_workspace"
+    (elsewhere / "models").mkdir(parents=True)
+    (elsewhere / "models" / "affinity.pt").write_bytes(b"another workspace's model")
+    monkeypatch.chdir(elsewhere)  # the worker's folder: same relative layout, other files
+    np.testing.assert_array_equal(make_pseudo_mask(task), here)

@@ -11,7 +11,8 @@ from pipeline.config import ParamsError, defaults, validate
 from pipeline.presets import preset
 from pipeline.datasets import PreparedData
 from pipeline.labels import IGNORE_INDEX
-from pipeline.refine.random_walk import make_pseudo_store, pseudo_mask
+from pipeline.refine.random_walk import pseudo_mask
+from pipeline.refine.walk_store import make_pseudo_store
 from pipeline.refine.runner import open_store
 from pipeline.refine.seeds import make_seed_store
 from pipeline.saliency.maps import SaliencyError

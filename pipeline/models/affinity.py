@@ -8,57 +8,24 @@ vector (dy, dx), in grid cells, to the centre of the object instance it belongs 
 same seed pairs on detached backbone features (so it never changes the affinities). The
 ``instances`` stage turns it into instance pseudo masks (:mod:`pipeline.refine.instances`).
 
-Pairs are the half-plane ``pair_offsets(radius)`` (each unordered pair once): offset ``(dy, dx)``
-pairs grid cell ``(y, x)`` with ``(y + dy, x + dx)``. Affinity maps are ``(B, P, h, w)`` with
-``aff[:, p, y, x] = exp(-mean_d |f(y, x) - f(y + dy, x + dx)|)`` in (0, 1]; entries whose partner
-falls outside the grid are 0 (and ignored by the loss and the random walk).
+The pixel pairs and their labels are :mod:`pipeline.models.pairs`. Affinity maps are ``(B, P, h, w)``
+with ``aff[:, p, y, x] = exp(-mean_d |f(y, x) - f(y + dy, x + dx)|)`` in (0, 1]; entries whose
+partner falls outside the grid are 0 (and ignored by the loss and the random walk).
 """
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.models.backbones import Backbone, build_backbone
-from pipeline.labels import IGNORE_INDEX
+from pipeline.models.pairs import grid_size, in_bounds, segment_points, shifted
 
 log = logging.getLogger("wsss")
-
-
-def pair_offsets(radius: int) -> list[tuple[int, int]]:
-    """Half-plane offsets (dy, dx) with 0 < dy^2 + dx^2 < radius^2 (radius 5 -> 34 offsets)."""
-    if radius < 1:
-        raise ValueError(f"param affinity.radius: must be >= 1, got {radius}")
-    out = [(0, dx) for dx in range(1, radius)]
-    out += [(dy, dx) for dy in range(1, radius) for dx in range(-radius + 1, radius) if dy * dy + dx * dx < radius * radius]
-    return out
-
-
-def shifted(x: torch.Tensor, dy: int, dx: int, fill: float = 0.0) -> torch.Tensor:
-    """``out[..., y, x] = x[..., y + dy, x + dx]`` with ``fill`` where that falls outside."""
-    h, w = x.shape[-2:]
-    out = torch.full_like(x, fill)
-    ys, yd = (slice(dy, h), slice(0, h - dy)) if dy >= 0 else (slice(0, h + dy), slice(-dy, h))
-    xs, xd = (slice(dx, w), slice(0, w - dx)) if dx >= 0 else (slice(0, w + dx), slice(-dx, w))
-    if ys.stop - ys.start > 0 and xs.stop - xs.start > 0:
-        out[..., yd, xd] = x[..., ys, xs]
-    return out
-
-
-def in_bounds(h: int, w: int, offsets: Sequence[tuple[int, int]], device=None) -> torch.Tensor:
-    """(P, h, w) bool: the partner of cell (y, x) under offset p lies inside the grid."""
-    ones = torch.ones(1, h, w, dtype=torch.bool, device=device)
-    return torch.cat([shifted(ones, dy, dx, fill=False) for dy, dx in offsets], 0)
-
-
-def grid_size(size: Sequence[int], stride: int) -> tuple[int, int]:
-    return math.ceil(int(size[0]) / stride), math.ceil(int(size[1]) / stride)
 
 
 def default_dims(levels: int, deepest: int = 128) -> list[int]:
@@ -192,12 +159,6 @@ class AffinityNet(nn.Module):
         return self.pair_affinities(x, levels, offsets), self.displacement_head(levels, grid_size(x.shape[-2:], self.stride))
 
 
-def segment_points(dy: int, dx: int) -> list[tuple[int, int]]:
-    """Grid cells on the straight segment from (0, 0) to (dy, dx), both ends included."""
-    n = max(abs(dy), abs(dx))
-    return sorted({(round(t * dy / n), round(t * dx / n)) for t in range(n + 1)}) if n else [(0, 0)]
-
-
 class BoundaryAffinityNet(AffinityNet):
     """IRNet's class-boundary branch on AffinityNet's multi-level heads: the mixed features -> one
     boundary probability per grid cell (``boundary(x)``: (B, 1, h, w)); the affinity of a pair is
@@ -250,28 +211,6 @@ class BoundaryAffinityNet(AffinityNet):
 
 
 AFFINITY_MODELS = {"affinitynet": AffinityNet, "irn": BoundaryAffinityNet}
-
-
-def seed_to_grid(seed: np.ndarray, stride: int) -> np.ndarray:
-    """Full-resolution (H, W) uint8 seed -> (ceil(H/s), ceil(W/s)) by sampling each cell's centre pixel."""
-    h, w = seed.shape
-    gh, gw = grid_size((h, w), stride)
-    ys = np.minimum(np.arange(gh) * stride + stride // 2, h - 1)
-    xs = np.minimum(np.arange(gw) * stride + stride // 2, w - 1)
-    return seed[np.ix_(ys, xs)]
-
-
-def pair_labels(seed_grid: torch.Tensor, offsets: Sequence[tuple[int, int]]):
-    """(B, h, w) long seeds on the grid -> (bg_pos, fg_pos, neg) masks, each (B, P, h, w) bool.
-
-    Same class -> positive (background and foreground kept apart), different classes -> negative,
-    a 255 at either end or a partner outside the grid -> in none of the three.
-    """
-    a = seed_grid.unsqueeze(1)
-    b = torch.stack([shifted(seed_grid, dy, dx, fill=IGNORE_INDEX) for dy, dx in offsets], 1)
-    known = (a != IGNORE_INDEX) & (b != IGNORE_INDEX)
-    same = known & (a == b)
-    return same & (a == 0), same & (a != 0), known & (a != b)
 
 
 def displacement_loss(disp: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor,

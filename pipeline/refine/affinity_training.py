@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.augment import normalise, random_scale_crop_flip
-from pipeline.models.affinity import (AffinityNet, displacement_loss, pair_labels, pair_offsets,
-                                      seed_to_grid)
+from pipeline.models.affinity import AffinityNet, displacement_loss
+from pipeline.models.pairs import pair_labels, pair_offsets, seed_to_grid
 from pipeline.store import Store
 
 log = logging.getLogger("wsss")
@@ -125,7 +125,7 @@ def set_displacement_mean(model: AffinityNet, prepared, ids, device: torch.devic
     sees differences), so its mean over the training images (each whole image, eval mode, every
     image weighted alike) is stored in ``model.displacement_head.mean``, which the branch subtracts
     from then on. Returns the mean (dy, dx) in grid cells."""
-    from pipeline.models.affinity import grid_size
+    from pipeline.models.pairs import grid_size
     from pipeline.progress import progress_bar
 
     head = model.displacement_head

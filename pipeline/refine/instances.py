@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from pipeline.labels import IGNORE_INDEX, grid_to_image, with_background
+from pipeline.refine.runner import ImageTask
 
 NO_INSTANCE = 0
 
@@ -154,13 +155,9 @@ def instance_masks(image: np.ndarray, cam_grid: np.ndarray, cam_stride: int, cla
 
 
 @dataclass(frozen=True)
-class InstanceTask:
-    """Everything one worker needs for one image (small and picklable)."""
+class InstanceTask(ImageTask):
+    """One image's instances: the common task fields, the AffinityNet (with its displacement field) and params."""
 
-    image_id: str
-    prepared_dir: str
-    data: dict
-    cams_path: str
     model_path: str
     rw: dict
     instances: dict
@@ -170,8 +167,8 @@ class InstanceTask:
 
 def make_instance_masks(task: InstanceTask) -> dict[str, np.ndarray]:
     """Worker entry (top level, picklable): loads image, CAMs and the affinity model itself."""
-    from pipeline.models.affinity import pair_offsets
-    from pipeline.refine.random_walk import cached_affinity_model, image_relations
+    from pipeline.models.pairs import pair_offsets
+    from pipeline.refine.walk_affinity import cached_affinity_model, image_relations
     from pipeline.refine.runner import task_inputs
 
     image, classes, cam_grid, cam_stride = task_inputs(task)

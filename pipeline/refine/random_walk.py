@@ -10,9 +10,6 @@ O(N^2) memory and O(logt x N^3) time for squaring the dense matrix as the publis
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Sequence
 
 import cv2
@@ -20,11 +17,8 @@ import numpy as np
 import torch
 
 from pipeline.labels import IGNORE_INDEX, grid_to_image, resize_maps, to_class_labels, with_background
-from pipeline.models.affinity import in_bounds, shifted
-from pipeline.saliency.rules import saliency_for, walk_background
-from pipeline.saliency.store import read_saliency
-from pipeline.refine.runner import (open_prepared, open_store, required_cam_threshold, saliency_store_fingerprint,
-                                    write_scored_label_store)
+from pipeline.models.pairs import in_bounds, shifted
+from pipeline.refine.runner import required_cam_threshold
 
 Offsets = Sequence[tuple[int, int]]
 
@@ -159,108 +153,6 @@ def pseudo_mask(image: np.ndarray, cam_grid: np.ndarray, cam_stride: int, classe
     return to_class_labels(index, classes)
 
 
-@lru_cache(maxsize=2)
-def _load_cached(path: str, stamp: int, device: str, kind: str, colour_sigma: float):
-    from pipeline.refine.feature_affinity import load_walk_affinity
-
-    return load_walk_affinity(path, {"affinity": kind, "colour_sigma": colour_sigma}, device)
-
-
-def cached_affinity_model(path: str | Path, device: str, rw: dict | None = None):
-    """The affinity model at ``path`` for ``rw.affinity`` (default the trained AffinityNet), loaded once
-    per worker process (reloaded when the file changes)."""
-    rw = rw or {}
-    return _load_cached(str(path), Path(path).stat().st_mtime_ns, device, rw.get("affinity", "affinitynet"),
-                        float(rw.get("colour_sigma", 0.0)))
-
-
-def image_affinities(model, image: np.ndarray, offsets: Offsets) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (P, ceil(H/s), ceil(W/s)) affinities (on the model's device)."""
-    from pipeline.augment import normalise
-
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        x = normalise(image)[None].to(device)
-        return model(x, offsets)[0].float()
-
-
-def image_relations(model, image: np.ndarray, offsets: Offsets) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H, W, 3) uint8 -> (affinities (P, h, w) on the model's device, displacement field (2, h, w) on
-    the CPU), one backbone pass."""
-    from pipeline.augment import normalise
-
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        aff, disp = model.relations(normalise(image)[None].to(device), offsets)
-    return aff[0].float(), disp[0].float().cpu()
-
-
-def affinity_separation(model_path: str | Path, prepared, ids: Sequence[str], device: str = "cpu",
-                        rw: dict | None = None) -> dict:
-    """How well the AffinityNet separates classes, measured on GT: the mean predicted affinity of
-    pixel pairs (cell centres of the affinity grid, within the training radius) whose GT classes are
-    the same (background-background and object-object apart) and different. Images without GT are
-    skipped. Returns {"images", "same_background", "same_object", "different", "gap"} (means, and
-    same-object minus different: a walk can only separate objects when the gap is large)."""
-    from pipeline.models.affinity import pair_labels, pair_offsets, seed_to_grid
-
-    model = cached_affinity_model(model_path, device, rw)
-    offsets = pair_offsets(model.radius)
-    sums, counts, used = np.zeros(3), np.zeros(3), 0
-    for image_id in ids:
-        gt = prepared.gt(image_id)
-        if gt is None:
-            continue
-        aff = image_affinities(model, prepared.image(image_id), offsets).cpu()
-        grid = torch.from_numpy(seed_to_grid(gt, model.stride).astype(np.int64))[None]
-        for k, mask in enumerate(pair_labels(grid, offsets)):
-            sums[k] += float(aff[mask[0]].sum())
-            counts[k] += int(mask.sum())
-        used += 1
-    means = [round(float(sv / c), 4) if c else None for sv, c in zip(sums, counts)]
-    gap = round(means[1] - means[2], 4) if None not in (means[1], means[2]) else None
-    return {"images": used, "same_background": means[0], "same_object": means[1], "different": means[2], "gap": gap}
-
-
-@dataclass(frozen=True)
-class WalkTask:
-    """Everything one worker needs for one image (small and picklable)."""
-
-    image_id: str
-    prepared_dir: str
-    data: dict
-    cams_path: str
-    model_path: str | None
-    rw: dict
-    crf: dict
-    device: str = "cpu"
-    torch_threads: int = 0
-    saliency: dict | None = None  # the saliency params when rw.background_cue uses saliency
-    saliency_store: str | None = None  # the saliency stage's store (data/saliency.zarr) then
-
-
-def make_pseudo_mask(task: WalkTask) -> np.ndarray:
-    """Worker entry (top level, picklable): loads image, CAMs and AffinityNet itself -> (H, W) uint8."""
-    from pipeline.models.affinity import pair_offsets
-    from pipeline.refine.runner import task_inputs
-
-    image, classes, cam_grid, cam_stride = task_inputs(task)
-    background = None
-    if task.saliency is not None:
-        sal = read_saliency(task.saliency_store, task.image_id)
-        if sal is not None:
-            cam_background = (with_background(grid_to_image(cam_grid, image.shape[:2], cam_stride), task.rw["alpha"])[0]
-                              if task.rw["background_cue"] == "saliency_cam" else None)  # only that cue reads it
-            background = walk_background(task.rw["background_cue"], sal, cam_background, task.saliency)
-    if not task.rw["enabled"]:
-        return pseudo_mask(image, cam_grid, cam_stride, classes, task.rw, task.crf, background=background)
-    model = cached_affinity_model(task.model_path, task.device, task.rw)
-    offsets = pair_offsets(model.radius)
-    aff = image_affinities(model, image, offsets)
-    return pseudo_mask(image, cam_grid, cam_stride, classes, task.rw, task.crf, aff=aff, offsets=offsets,
-                       aff_stride=model.stride, background=background)
-
-
 def background_alpha(threshold: float) -> float:
     """The exponent at which the background channel (1 - m)^alpha equals the CAM m at ``threshold``:
     then argmax over [background, CAMs] is background exactly where max CAM < threshold."""
@@ -278,80 +170,3 @@ def resolve_background(rw: dict, cam_threshold: float | None) -> dict:
     if rw["background"] != "cam_sweep":
         raise ValueError(f"param rw.background: {rw['background']!r} is not 'fixed' or 'cam_sweep'")
     return {**rw, "alpha": round(background_alpha(required_cam_threshold("rw.background", cam_threshold)), 4)}
-
-
-def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Path, model_path: str | Path | None,
-                      out_path: str | Path, rw: dict, crf: dict, compute: dict,
-                      cam_threshold: float | None = None, saliency: dict | None = None,
-                      saliency_store: str | Path | None = None) -> dict:
-    """Pseudo masks for every image of the CAM store -> ``out_path`` (array "mask").
-
-    Per-image work (AffinityNet forward + walk) runs through the dask helper; each worker process
-    loads the model once (device and threads: :func:`pipeline.compute.per_image_torch`). ``cam_threshold``: the CAM sweep's best threshold, for ``rw.background:
-    cam_sweep``; ``saliency``: the saliency params, used when ``rw.background_cue`` uses saliency,
-    with the maps of ``saliency_store`` (the saliency stage's store).
-    Returns the metrics dict (ConfusionMatrix summary + run facts).
-    """
-    from pipeline.compute import per_image_torch
-    from pipeline.provenance import file_digest, prepared_digest
-
-    rw = resolve_background(rw, cam_threshold)
-    prepared = open_prepared(prepared_dir, data)
-    cams = open_store(cams_path)
-    ids = list(cams.ids)
-    split = cams.attrs.get("split") or data["train_split"]
-    model_meta = {}
-    if rw["enabled"]:
-        if model_path is None or not Path(model_path).is_file():
-            raise FileNotFoundError(f"AffinityNet checkpoint not found: {model_path}; run the train_aff stage "
-                                    "(or set rw.enabled: false)")
-        from pipeline.models.affinity import read_affinity_checkpoint
-
-        ck = read_affinity_checkpoint(model_path)
-        model_meta = {"affinity_stride": ck["stride"], "radius": ck["radius"], "backbone": ck["backbone"],
-                      "affinity": rw.get("affinity", "affinitynet")}
-        cached_affinity_model(model_path, "cpu", rw)  # fail early when the checkpoint is not rw.affinity's kind
-    inputs = {"cams": cams.attrs.get("fingerprint"), "prepared": prepared_digest(prepared_dir),
-              "affinity_model": file_digest(model_path) if rw["enabled"] else None}
-    sal = saliency_for(rw.get("background_cue", "cam"), saliency, "rw.background_cue")
-    if sal is not None:
-        inputs["saliency"] = saliency_store_fingerprint(saliency_store, "rw.background_cue")
-    device, threads = per_image_torch(compute)
-    tasks = [WalkTask(i, str(prepared_dir), data, str(cams_path), str(model_path) if model_path else None, rw, crf,
-                      device, threads, sal, str(Path(saliency_store).resolve()) if sal else None) for i in ids]
-    attrs = {"kind": "pseudo_masks", "class_names": prepared.class_names, "stride": 1, "split": split,
-             "params": {"rw": rw, "crf": crf if rw["final_crf"] else None, "saliency": sal}, **model_meta,
-             "method": "random_walk" if rw["enabled"] else "cam",
-             "cams_fingerprint": cams.attrs.get("fingerprint"), "inputs": inputs}
-    metrics = write_scored_label_store(prepared, ids, out_path, "mask", attrs, make_pseudo_mask, tasks, compute,
-                                       "random walk")
-    metrics.update({"enabled": bool(rw["enabled"]), "beta": rw["beta"], "logt": rw["logt"], "alpha": rw["alpha"],
-                    "background_cue": rw.get("background_cue", "cam"),
-                    **model_meta, "images": len(ids), "split": split})
-    return metrics
-
-
-SEPARATION_IMAGES = 64  # images the affinity diagnostic looks at (GT pairs: same class vs different)
-
-
-def make_pseudo_masks(prepared_dir: str | Path, params: dict, cams_path: str | Path, model_path: str | Path,
-                      out_path: str | Path, seeds_path: str | Path | None = None,
-                      cam_threshold: float | None = None, saliency_store: str | Path | None = None) -> dict:
-    """What the random_walk stage does: :func:`make_pseudo_store`, the affinity separation diagnostic
-    (walk on) and the gallery (with the seeds column when ``seeds_path`` exists).
-    Returns {"metrics", "gallery" (an RGB array or None)}."""
-    from pipeline.refine.gallery import refine_gallery
-
-    rw = params["rw"]
-    metrics = make_pseudo_store(prepared_dir, params["data"], cams_path, model_path, out_path, rw, params["crf"],
-                                params["compute"], cam_threshold=cam_threshold, saliency=params["saliency"],
-                                saliency_store=saliency_store)
-    prepared, pseudo = open_prepared(prepared_dir, params["data"]), open_store(out_path)
-    if rw["enabled"]:
-        metrics["affinity_separation"] = affinity_separation(model_path, prepared, pseudo.ids[:SEPARATION_IMAGES], rw=rw)
-    ids = pseudo.ids[: params["data"]["gallery_ids"]]
-    columns = {"CRF seeds": open_store(seeds_path)} if seeds_path and Path(seeds_path).exists() else {}
-    columns["random walk" if rw["enabled"] else "pseudo (no walk)"] = pseudo
-    picture = refine_gallery(prepared, ids, open_store(cams_path), columns, metrics["alpha"]) if ids else None
-    return {"metrics": metrics, "gallery": picture}
-

@@ -5,6 +5,7 @@ Label conventions (ignore value, background channel, grid upsampling) are in ``p
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
@@ -67,7 +68,28 @@ def read_cams(cams_path: str | Path, image_id: str, classes: Sequence[int]) -> t
     return np.clip(cam[idx].astype(np.float32), 0.0, 1.0), int(store.specs["cam"].stride)
 
 
-def task_inputs(task) -> tuple:
+@dataclass(frozen=True)
+class ImageTask:
+    """What every per-image worker task carries (small and picklable); each refiner's task adds its own
+    fields. Paths are made absolute when the task is made (fields ending in ``_dir``, ``_path`` or
+    ``_store``, and ``data.root``), so a dask worker started in another folder, or on another machine
+    that mounts the same paths, reads this run's files and never its own folder's."""
+
+    image_id: str
+    prepared_dir: str
+    data: dict
+    cams_path: str
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith(("_dir", "_path", "_store")) and isinstance(value, (str, Path)):
+                object.__setattr__(self, f.name, str(Path(value).resolve()))
+        if isinstance(self.data, dict) and self.data.get("root"):
+            object.__setattr__(self, "data", {**self.data, "root": str(Path(self.data["root"]).resolve())})
+
+
+def task_inputs(task: ImageTask) -> tuple:
     """What every per-image worker task starts from (a task with image_id, prepared_dir, data,
     cams_path, torch_threads): sets the worker's torch threads, returns (image, classes, cam_grid,
     cam_stride) with the CAMs of the image's labelled classes."""

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.labels import IGNORE_INDEX, grid_to_image, present_classes, to_class_labels, with_background
-from pipeline.refine.runner import (open_prepared, open_store, read_cams, required_cam_threshold,
+from pipeline.refine.runner import (ImageTask, open_prepared, open_store, read_cams, required_cam_threshold,
                                     saliency_store_fingerprint, write_scored_label_store)
 from pipeline.refine.crf import CrfSettings, crf_argmax, label_crf
 from pipeline.registry import REFINERS, check_options
@@ -145,13 +145,9 @@ def seed_maker(crf: dict) -> SeedMaker:
 
 
 @dataclass(frozen=True)
-class SeedTask:
-    """Everything one worker needs for one image (small and picklable)."""
+class SeedTask(ImageTask):
+    """One image's seeds: the common task fields and the CRF params (and saliency when it is the cue)."""
 
-    image_id: str
-    prepared_dir: str
-    data: dict
-    cams_path: str
     crf: dict
     saliency: dict | None = None  # the saliency params when crf.background_cue is saliency
     saliency_store: str | None = None  # the saliency stage's store (data/saliency.zarr) then
