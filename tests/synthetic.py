@@ -58,6 +58,22 @@ def write_fake_cams(prepared, ids, path: str | Path, stride: int = 4, seed: int 
     return w.commit()
 
 
+def tiny_demo_with_cams(root: str | Path, num_train: int = 6, crf_iterations: int | None = None,
+                        **compute) -> tuple[dict, Path, Path]:
+    """A tiny demo (one val image) and fake CAMs of its train images at root/cams.zarr, as the refiner
+    tests start from. ``compute`` updates ``params["compute"]`` (default: shards of 2 images).
+    Returns (params, prepared_dir, cams_path)."""
+    from pipeline.datasets import PreparedData
+
+    params, prepared_dir = tiny_demo(root, num_train=num_train, num_val=1)
+    prepared = PreparedData(params["data"], prepared_dir)
+    cams = write_fake_cams(prepared, prepared.ids("train"), Path(root) / "cams.zarr", stride=4)
+    if crf_iterations is not None:
+        params["crf"]["iterations"] = crf_iterations
+    params["compute"].update({"shard_images": 2, **compute})
+    return params, prepared_dir, cams
+
+
 def tiny_data_with_gt_seeds(tmp_path: str | Path, num_train: int = 4):
     """A tiny demo and a seed store at tmp_path/seeds.zarr holding its ground truth.
     Returns (params, PreparedData, train ids)."""

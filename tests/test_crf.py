@@ -4,12 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.datasets import PreparedData
 from pipeline.refine.runner import open_store
 from pipeline.refine.crf import CrfSettings, crf_argmax, label_crf
 from pipeline.refine.seeds import (AffinityNetSeeds, SeedMaker, agreeing, make_seed, make_seed_store, seed_maker,
                                    threshold_seeds)
-from synthetic import tiny_demo, write_fake_cams
+from synthetic import tiny_demo_with_cams
 from pipeline.registry import REFINERS
 
 SETTINGS = CrfSettings(iterations=10, bilateral_sxy=20.0)
@@ -103,13 +102,7 @@ def test_unknown_mode_is_a_clear_error():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("crfdemo")
-    params, prepared_dir = tiny_demo(root, num_train=6, num_val=1)
-    prepared = PreparedData(params["data"], prepared_dir)
-    cams = write_fake_cams(prepared, prepared.ids("train"), root / "cams.zarr", stride=4)
-    params["crf"]["iterations"] = 3
-    params["compute"]["shard_images"] = 2
-    return params, prepared_dir, cams
+    return tiny_demo_with_cams(tmp_path_factory.mktemp("crfdemo"), num_train=6, crf_iterations=3)
 
 
 def _seeds(path):

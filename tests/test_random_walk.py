@@ -13,7 +13,7 @@ from pipeline.labels import grid_to_image, to_class_labels, with_background
 from pipeline.refine.runner import open_store
 from pipeline.refine.random_walk import dense_transition, propagate, pseudo_mask, random_walk, random_walk_dense, stencil, transition_weights
 from pipeline.refine.walk_store import make_pseudo_store
-from synthetic import tiny_demo, write_fake_cams
+from synthetic import tiny_demo_with_cams
 from pipeline.checkpoint import save_checkpoint
 
 
@@ -98,12 +98,9 @@ def test_low_confidence_pixels_become_ignore():
 def demo(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("rwdemo")
-    params, prepared_dir = tiny_demo(root, num_train=4, num_val=1)
-    prepared = PreparedData(params["data"], prepared_dir)
-    cams = write_fake_cams(prepared, prepared.ids("train"), root / "cams.zarr", stride=4)
+    params, prepared_dir, cams = tiny_demo_with_cams(root, num_train=4)
     model = AffinityNet(build_backbone("tiny", "none"), stride=4)
     ck = save_checkpoint(root / "affinity.pt", affinity_checkpoint(model, "tiny", radius=3))
-    params["compute"]["shard_images"] = 2
     return params, prepared_dir, cams, ck
 
 

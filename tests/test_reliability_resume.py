@@ -23,7 +23,7 @@ from pipeline.models.backbones import build_backbone
 from pipeline.refine.runner import open_store
 from pipeline.refine.walk_store import make_pseudo_mask, make_pseudo_store
 from pipeline.refine.seeds import make_seed, make_seed_store
-from synthetic import tiny_demo, write_fake_cams
+from synthetic import tiny_demo, tiny_demo_with_cams
 from pipeline.store import ArraySpec, Store, StoreError, StoreWriter, write_store
 from pipeline.training import ResumePoint
 
@@ -35,13 +35,8 @@ RW = {"enabled": True, "beta": 8.0, "logt": 3, "background": "fixed", "alpha": 4
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("resumedemo")
-    params, prepared_dir = tiny_demo(root, num_train=6, num_val=1)
-    prepared = PreparedData(params["data"], prepared_dir)
-    cams = write_fake_cams(prepared, prepared.ids("train"), root / "cams.zarr", stride=4)
-    params["crf"]["iterations"] = 2
-    params["compute"].update(shard_images=2, scheduler="synchronous")
-    return params, prepared_dir, cams
+    return tiny_demo_with_cams(tmp_path_factory.mktemp("resumedemo"), num_train=6, crf_iterations=2,
+                               scheduler="synchronous")
 
 
 def _read_all(path, array):

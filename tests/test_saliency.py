@@ -19,7 +19,7 @@ from pipeline.saliency.maps import SaliencyError
 from pipeline.saliency.rules import background_score, seeds_with_saliency, walk_background
 from pipeline.saliency.sources import folder_map, read_saliency_png, saliency_digest, spectral_residual
 from pipeline.saliency.store import make_saliency_store, read_saliency, write_saliency_pngs
-from synthetic import tiny_demo, write_fake_cams
+from synthetic import tiny_demo_with_cams
 
 SAL = dict(defaults()["saliency"])
 
@@ -184,11 +184,8 @@ def test_folder_digest_changes_when_a_map_changes(tmp_path):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("saldemo")
-    params, prepared_dir = tiny_demo(root, num_train=4, num_val=1)
+    params, prepared_dir, cams = tiny_demo_with_cams(root, num_train=4, crf_iterations=2, scheduler="synchronous")
     prepared = PreparedData(params["data"], prepared_dir)
-    cams = write_fake_cams(prepared, prepared.ids("train"), root / "cams.zarr", stride=4)
-    params["crf"]["iterations"] = 2
-    params["compute"].update(shard_images=2, scheduler="synchronous")
     folders = {}
     for name, value in (("black", 0), ("white", 255)):
         folders[name] = root / name
