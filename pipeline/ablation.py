@@ -112,6 +112,23 @@ def restore_baseline_params(repo: str | Path = ".") -> bool:
     return True
 
 
+def uncommitted_params_edits(repo: str | Path = ".") -> list[str]:
+    """How the workspace's ``params.yaml`` differs from the baseline commit's: ``ns.key: old -> new`` per
+    changed param, or one line when only comments or layout differ. Empty when they are the same (or
+    there is no committed params.yaml)."""
+    import yaml
+
+    res = _git(["show", "HEAD:params.yaml"], repo)
+    path = Path(repo) / "params.yaml"
+    if res.returncode != 0 or not path.is_file() or path.read_text() == res.stdout:
+        return []
+    old, new = yaml.safe_load(res.stdout) or {}, yaml.safe_load(path.read_text()) or {}
+    edits = [f"{ns}.{key}: {(old.get(ns) or {}).get(key)!r} -> {(new.get(ns) or {}).get(key)!r}"
+             for ns in sorted(set(old) | set(new)) for key in sorted(set(old.get(ns) or {}) | set(new.get(ns) or {}))
+             if (old.get(ns) or {}).get(key) != (new.get(ns) or {}).get(key)]
+    return edits or ["comments or layout (no value differs)"]
+
+
 def run_experiment(setting: dict, name: str, queue: bool = False, repo: str | Path = ".",
                    until: str | None = None) -> str:
     """``dvc exp run -n name -S k=v ... [until]`` (or ``--queue``); returns dvc's output."""
@@ -255,7 +272,8 @@ def ablate(specs: Sequence[str], out_md: str | Path = "reports/ablation.md", out
     write the table; ``queue``: only queue them (``dvc queue start`` runs them; then ``collect``);
     ``collect``: read the experiments already run and write the table. Each experiment starts from
     the baseline commit's ``params.yaml`` (:func:`restore_baseline_params`), not from what the last
-    experiment left in the workspace. ``until``: run the graph only
+    experiment left in the workspace, which is put back when the grid ends; uncommitted edits of
+    params.yaml are refused, naming them, before anything runs (they would be overwritten). ``until``: run the graph only
     up to that stage (``dvc exp run <stage>``; e.g. ``random_walk`` leaves out the segmenter's
     training) and show only the columns of the stages it ran. Every setting is validated first
     (:func:`check_settings`): one bad value queues and runs nothing. Returns the markdown table
@@ -267,13 +285,27 @@ def ablate(specs: Sequence[str], out_md: str | Path = "reports/ablation.md", out
     columns_until(until, repo)  # an unknown stage, or one that measures nothing, fails before anything runs
     repo = Path(repo)
     check_settings(settings, repo)  # every one, before the first is queued or run
+    if mode != "collect":
+        edits = uncommitted_params_edits(repo)
+        if edits:  # the experiments start from the commit; never overwrite what the user has not committed
+            raise RuntimeError(f"{repo / 'params.yaml'} has edits that are not committed ({'; '.join(edits)}): each "
+                               "experiment starts from the baseline commit's params.yaml, and the ablation would "
+                               "overwrite them. Commit them (they become the baseline) or undo them "
+                               "(git checkout params.yaml), then run again")
+    try:
+        return _run_grid(specs, grid, settings, repo, mode, until, out_md, out_png)
+    finally:
+        if mode != "collect":
+            restore_baseline_params(repo)  # dvc exp run leaves the last experiment's params in the workspace
+
+
+def _run_grid(specs, grid: dict, settings, repo: Path, mode: str, until: str | None, out_md, out_png) -> str | None:
     rows = []
     for n, setting in enumerate(settings):
         name = experiment_name(setting, until)
         ref = experiment_ref(name, repo)
-        if ref is None and mode != "collect" and restore_baseline_params(repo):
-            log.info("ablation: params.yaml reset to the baseline commit's (a previous experiment's params were left "
-                     "in the workspace)")
+        if ref is None and mode != "collect":
+            restore_baseline_params(repo)  # the previous experiment's params are in the workspace
         if mode == "queue":
             if ref is None:
                 run_experiment(setting, name, queue=True, repo=repo, until=until)

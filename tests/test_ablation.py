@@ -135,6 +135,29 @@ def test_each_experiment_starts_from_the_baseline_commits_params(tmp_path, monke
         return ""
 
     monkeypatch.setattr(ablation, "run_experiment", fake_run)
-    (tmp_path / "params.yaml").write_text(baseline.replace("training: plain", "training: seam"))  # left over
     ablation.ablate(["crf.background_cue=cam,saliency"], repo=tmp_path, mode="run")
     assert len(seen) == 2 and all(text == baseline for text in seen)
+    assert (tmp_path / "params.yaml").read_text() == baseline  # the last experiment's params are not left behind
+
+
+def test_uncommitted_params_edits_are_refused_not_overwritten(tmp_path, monkeypatch):
+    import pipeline.ablation as ablation
+
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "config", "user.email", "t@example.com")
+    _git(tmp_path, "config", "user.name", "t")
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    _write_metrics(tmp_path, 1.0, 1.5, 1.7, 2.0)
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "baseline")
+    baseline = (tmp_path / "params.yaml").read_text()
+    monkeypatch.setattr(ablation, "run_experiment", lambda *a, **k: pytest.fail("nothing may run"))
+    edited = baseline.replace("  epochs: 10\n", "  epochs: 12\n", 1) + "# my note\n"
+    assert edited.count("epochs: 12") == 1
+    (tmp_path / "params.yaml").write_text(edited)
+    with pytest.raises(RuntimeError, match=r"not committed \(seg.epochs: 10 -> 12\)"):
+        ablation.ablate(["crf.background_cue=cam,saliency"], repo=tmp_path, mode="run")
+    assert (tmp_path / "params.yaml").read_text() == edited  # the user's edit and comment are kept
+    (tmp_path / "params.yaml").write_text(baseline + "# only a comment\n")
+    with pytest.raises(RuntimeError, match="comments or layout"):
+        ablation.ablate(["crf.background_cue=cam,saliency"], repo=tmp_path, mode="queue")

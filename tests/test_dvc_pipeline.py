@@ -80,7 +80,9 @@ def test_repro_runs_every_stage_then_crf_ablation_reruns_only_downstream(repo):
 
 
 def test_ablate_runs_a_grid_as_named_experiments_and_collects_the_table(repo):
-    # follows the test above: the crf.enabled=false results are in the workspace and DVC's run cache
+    # follows the test above: the crf.enabled=false results are in the workspace and DVC's run cache; that
+    # experiment's params are too, and wsss ablate refuses uncommitted params edits: put the baseline back
+    _run(["git", "checkout", "params.yaml"], repo)
     cmd = [sys.executable, "-m", "pipeline.cli", "ablate", "--grid", "crf.enabled=true,false"]
     out = _run(cmd, repo)
     table = (repo / "reports/ablation.md").read_text()
