@@ -9,6 +9,7 @@ from pipeline.paths import (AFF_MODEL, CAM_METRICS, CAM_MODEL, CAMS, DATASET_DIG
                             EXPORTS, INSTANCES, LABEL_METRICS, METRICS, PLOTS, PREDICTIONS, PREPARED, PSEUDO,
                             REPORTS, SALIENCY, SALIENCY_CACHE, SALIENCY_DIGEST, SEEDS, SEG_METRICS, SEG_MODEL)
 from pipeline.progress import setup_logging
+from pipeline.workspace_lock import hold_workspace_lock
 
 __all__ = ["AFF_MODEL", "CAM_METRICS", "CAM_MODEL", "CAMS", "DATASET_DIGEST", "DIGEST_CACHE", "EXPORTS", "INSTANCES",
            "LABEL_METRICS", "METRICS", "PLOTS", "PREDICTIONS", "PREPARED", "PSEUDO", "REPORTS", "SALIENCY",
@@ -31,7 +32,9 @@ def cam_best_threshold() -> float | None:
 
 
 def start(stage: str, params_file: str = "params.yaml") -> dict:
-    """Set up logging and return the validated params."""
+    """Take the workspace lock (one stage at a time, :mod:`pipeline.workspace_lock`), set up logging
+    and return the validated params."""
+    hold_workspace_lock(stage)
     setup_logging()
     logging.getLogger("wsss").info("stage %s: starting", stage)
     return load_params(params_file)

@@ -370,3 +370,31 @@ def test_per_image_tasks_carry_absolute_paths_so_a_worker_elsewhere_reads_this_r
     (elsewhere / "models" / "affinity.pt").write_bytes(b"another workspace's model")
     monkeypatch.chdir(elsewhere)  # the worker's folder: same relative layout, other files
     np.testing.assert_array_equal(make_pseudo_mask(task), here)
+
+
+def test_a_second_run_in_the_same_workspace_is_refused_naming_the_first(tmp_path, monkeypatch):
+    """Two direct runs of a stage at once (`wsss stage random_walk` twice) would write into one .partial
+    store: the second refuses before it reads anything, naming the first; a killed holder frees it."""
+    from pipeline.workspace_lock import WorkspaceBusy, hold_workspace_lock, release_workspace_lock
+
+    monkeypatch.chdir(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "from pipeline.workspace_lock import hold_workspace_lock\n"
+        "hold_workspace_lock('random_walk'); print('held', flush=True); time.sleep(60)") % str(REPO)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WorkspaceBusy, match=rf"stage random_walk, pid {holder.pid}"):
+            hold_workspace_lock("random_walk")
+        import stages.common as common  # what every stage calls first
+
+        with pytest.raises(WorkspaceBusy):
+            common.start("crf", str(REPO / "params.yaml"))
+    finally:
+        holder.kill()
+        holder.wait()
+    hold_workspace_lock("crf")  # the kernel released the killed holder's lock; the stale text does not block
+    assert "stage crf" in (tmp_path / ".wsss.lock").read_text()
+    hold_workspace_lock("random_walk")  # the same process may run another stage after the first
+    release_workspace_lock()
