@@ -78,17 +78,21 @@ def _plugins(args):
 
 
 def _deps(args):
-    from pipeline.code_graph import CodeGraph, compact_deps
+    from pipeline.code_graph import CodeGraph, compact_deps, plugin_deps
+    from pipeline.config import load_params
 
     graph = CodeGraph(args.root)
     known = graph.stage_names()
     for stage in args.stage:
         if stage not in known:
             raise ValueError(f"unknown stage {stage!r}; stages in {graph.root / 'stages'}: {', '.join(known)}")
+    params = load_params(args.params) if Path(args.params).is_file() else None
     for stage in args.stage or known:
         print(f"{stage}:")
         for dep in compact_deps(graph.stage_files(stage), graph):
             print(f"  - {dep}")
+        for dep in plugin_deps(stage, graph, params) if params else []:
+            print(f"  - {dep}  # plugin named in {args.params}")
 
 
 def main(argv=None) -> None:
@@ -156,6 +160,7 @@ def main(argv=None) -> None:
                                     "it resolves): what its deps in dvc.yaml must list")
     p.add_argument("stage", nargs="*", metavar="STAGE", help="stage names, e.g. train_aff (default: every stage)")
     p.add_argument("--root", default=".", help="the project root (holds pipeline/ and stages/)")
+    p.add_argument("--params", default="params.yaml", help="plugins these params name are listed too")
     p.set_defaults(fn=_deps)
 
     args = ap.parse_args(argv)

@@ -71,17 +71,26 @@ class CodeGraph:
         return found
 
     @cached_property
-    def registry_uses(self) -> dict[str, set[str]]:
-        """Module -> the built-in modules of the registries it resolves names in."""
+    def registries_resolved(self) -> dict[str, set[str]]:
+        """Module -> the names of the registries (``CAM_METHODS``, ...) it resolves names in."""
         out = {}
         for name, path in self.modules.items():
             tree = ast.parse(path.read_text(), filename=str(path))
-            regs = {node.func.value.id for node in ast.walk(tree)
-                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in RESOLVING_CALLS and isinstance(node.func.value, ast.Name)
-                    and node.func.value.id in self._registry_builtins}
-            out[name] = set().union(*(self._registry_builtins[r] for r in regs)) if regs else set()
+            out[name] = {node.func.value.id for node in ast.walk(tree)
+                         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                         and node.func.attr in RESOLVING_CALLS and isinstance(node.func.value, ast.Name)
+                         and node.func.value.id in self._registry_builtins}
         return out
+
+    @cached_property
+    def registry_uses(self) -> dict[str, set[str]]:
+        """Module -> the built-in modules of the registries it resolves names in."""
+        return {name: set().union(*(self._registry_builtins[r] for r in regs)) if regs else set()
+                for name, regs in self.registries_resolved.items()}
+
+    def stage_registries(self, stage: str) -> set[str]:
+        """The registries the code of ``stages/<stage>.py`` resolves names in."""
+        return set().union(*(self.registries_resolved[m] for m in self.closure(f"stages.{stage}")))
 
     def _packages_of(self, name: str) -> set[str]:
         parts = name.split(".")
@@ -204,3 +213,27 @@ def check_stage_deps(stages: dict, graph: CodeGraph) -> list[str]:
             if extra:
                 problems.append(f"stage {stage}: dep {dep} holds code the stage never runs: {', '.join(extra)}")
     return problems
+
+
+def plugin_deps(stage: str, graph: CodeGraph, params: dict) -> list[str]:
+    """The plugin modules ``params`` name that ``stage`` runs (through a registry its code resolves
+    names in), as deps for dvc.yaml: paths relative to the project root when inside it."""
+    import inspect
+    import sys
+
+    from pipeline import config, registry
+
+    by_object = {id(reg): name for name, reg in vars(registry).items() if isinstance(reg, registry.Registry)}
+    used = graph.stage_registries(stage)
+    out = set()
+    for key, reg in config.REGISTERED.items():
+        ns, name = key.split(".")
+        value = params[ns][name]
+        if by_object.get(id(reg)) not in used or value in reg.builtins:
+            continue
+        obj = reg.get(value, key)
+        module = sys.modules.get(getattr(obj, "__module__", "") or "")
+        source = getattr(module, "__file__", None) or inspect.getsourcefile(obj)
+        path = Path(source).resolve()
+        out.add(path.relative_to(graph.root).as_posix() if path.is_relative_to(graph.root) else str(path))
+    return sorted(out)

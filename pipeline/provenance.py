@@ -5,7 +5,7 @@ fingerprint. A re-run resumes only when the fingerprint is the same, so it must 
 everything that shapes the result:
 
 - the params that stage reads (passed in by each caller);
-- the code: :func:`code_digest`, the source of every module of ``pipeline/`` and ``stages/``
+- the code: :func:`code_digest`, the source of every module of ``pipeline/`` and ``stages/`` and of the plugin modules params name
   (added by :class:`pipeline.store.StoreWriter` and :class:`pipeline.training.ResumePoint` themselves);
 - the inputs: the prepared data (:func:`prepared_digest`, which includes the dataset files' content,
   see :func:`dataset_digest`), model checkpoints (:func:`file_digest`), input stores' fingerprints,
@@ -41,14 +41,30 @@ def file_digest(path: str | Path) -> str:
 
 
 @lru_cache(maxsize=1)
-def code_digest() -> str:
+def library_digest() -> str:
     """sha256 (16 hex digits) over the path and source of every ``.py`` file of the library and the
-    stage scripts: any code edit between an interrupted run and its re-run discards the partial result."""
+    stage scripts (read once per process)."""
     h = hashlib.sha256()
     for package in CODE_PACKAGES:
         for path in sorted((_ROOT / package).rglob("*.py")):
             h.update(str(path.relative_to(_ROOT)).encode() + b"\0")
             _hash_file(h, path)
+    return h.hexdigest()[:16]
+
+
+def code_digest() -> str:
+    """The library's digest, combined with the source of every plugin module the params named
+    (:func:`pipeline.registry.plugin_source_files`): any code edit between an interrupted run and its
+    re-run discards the partial result."""
+    from pipeline.registry import plugin_source_files
+
+    plugins = plugin_source_files()
+    if not plugins:
+        return library_digest()
+    h = hashlib.sha256(library_digest().encode())
+    for path in plugins:
+        h.update(b"\0plugin\0" + str(path).encode() + b"\0")
+        _hash_file(h, path)
     return h.hexdigest()[:16]
 
 

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Callable
 
 ENTRY_POINT_GROUP = "wsss.plugins"
+_LOADED_PLUGINS: dict[str, Any] = {}  # "<kind>:<name>" -> the object a plugin name resolved to (this process)
 
 
 class RegistryError(KeyError):
@@ -134,10 +137,14 @@ class Registry:
         eps = self.plugins()
         if name in eps:
             ep = eps[name]
-            return self._load(lambda: ep.load(), f"{where}{self.kind} plugin {name!r} (entry point {ep.value!r} "
-                                                 f"in group {ENTRY_POINT_GROUP!r})")
+            obj = self._load(lambda: ep.load(), f"{where}{self.kind} plugin {name!r} (entry point {ep.value!r} "
+                                                f"in group {ENTRY_POINT_GROUP!r})")
+            _LOADED_PLUGINS[f"{self.kind}:{name}"] = obj
+            return obj
         if "." in name or ":" in name:
-            return self._load(lambda: load_dotted(name), f"{where}{self.kind} plugin {name!r}")
+            obj = self._load(lambda: load_dotted(name), f"{where}{self.kind} plugin {name!r}")
+            _LOADED_PLUGINS[f"{self.kind}:{name}"] = obj
+            return obj
         raise RegistryError(f"{where}unknown {self.kind} {name!r}; known: {self.names()} "
                             f"(or a plugin in entry-point group {ENTRY_POINT_GROUP!r}, or a dotted path 'pkg.mod:Obj')")
 
@@ -149,6 +156,23 @@ class Registry:
             raise RegistryError(f"{what}: {e}") from (e.__cause__ or e)
         except Exception as e:  # a plugin's own code runs at import: any error is its failure to load
             raise RegistryError(f"{what} failed to load: {type(e).__name__}: {e}") from e
+
+
+def plugin_source_files() -> list[Path]:
+    """The source files of every plugin this process has resolved (params name them; loading params
+    resolves them): what a result made with plugins was made from besides the library's own code."""
+    files = set()
+    for obj in _LOADED_PLUGINS.values():
+        module = sys.modules.get(getattr(obj, "__module__", "") or "")
+        source = getattr(module, "__file__", None) if module is not None else None
+        if source is None:
+            try:
+                source = inspect.getsourcefile(obj)
+            except TypeError:
+                source = None
+        if source and Path(source).is_file():
+            files.add(Path(source).resolve())
+    return sorted(files)
 
 
 def _at(module: str, *names: str) -> dict[str, str]:

@@ -94,3 +94,18 @@ def test_bench_scripts_import(tmp_path):
         code = f"import runpy, sys; sys.argv = ['x', '--help']; runpy.run_path({str(script)!r}, run_name='not_main')"
         res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
         assert res.returncode == 0, f"{script.name}: {res.stderr[-2000:]}"
+
+
+def test_wsss_deps_names_the_plugin_modules_a_stage_runs(tmp_path, monkeypatch):
+    import pipeline.registry as reg_module
+    from pipeline.code_graph import plugin_deps
+    from pipeline.config import defaults, with_overrides
+
+    monkeypatch.setattr(reg_module, "_LOADED_PLUGINS", {})
+    plugin = tmp_path / "myplug_deps.py"
+    plugin.write_text("from pipeline.cam.methods import ClassActivationMap\n\n\nclass MyCAM(ClassActivationMap):\n"
+                      "    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    params = with_overrides(defaults(), ["cam.method=myplug_deps:MyCAM"])
+    assert plugin_deps("make_cam", GRAPH, params) == [str(plugin.resolve())]  # make_cam resolves cam.method
+    assert plugin_deps("crf", GRAPH, params) == []  # crf never runs a CAM method

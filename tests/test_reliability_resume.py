@@ -398,3 +398,22 @@ def test_a_second_run_in_the_same_workspace_is_refused_naming_the_first(tmp_path
     assert "stage crf" in (tmp_path / ".wsss.lock").read_text()
     hold_workspace_lock("random_walk")  # the same process may run another stage after the first
     release_workspace_lock()
+
+
+def test_plugin_code_is_part_of_what_a_partial_result_was_made_from(tmp_path, monkeypatch):
+    """A plugin named in params (cam.method: myplug:MyCAM) is code the result depends on: editing it
+    between a killed run and its re-run must discard the partial result, as a library edit does."""
+    import pipeline.registry as registry
+    from pipeline.provenance import code_digest
+
+    monkeypatch.setattr(registry, "_LOADED_PLUGINS", {})
+    plugin = tmp_path / "myplug_digest.py"
+    plugin.write_text("from pipeline.refine.seeds import SeedMaker\n\n\nclass Maker(SeedMaker):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    library_only = code_digest()
+    validate(with_overrides(defaults(), ["crf.mode=myplug_digest:Maker"]))  # loading params resolves the plugin
+    assert registry.plugin_source_files() == [plugin.resolve()]
+    with_plugin = code_digest()
+    assert with_plugin != library_only
+    plugin.write_text(plugin.read_text() + "\n# edited\n")
+    assert code_digest() != with_plugin
