@@ -87,12 +87,37 @@ def prepared_digest(prepared_dir: str | Path) -> str:
 # ---------------------------------------------------------------- dataset files
 
 def _dataset_files(root: Path) -> list[Path]:
-    """Every regular file under ``root`` (hidden files and folders skipped), sorted."""
-    out = []
-    for folder, dirs, files in os.walk(root):
+    """Every regular file under ``root`` (hidden files and folders skipped), sorted; symlinked folders
+    and files are followed (a dataset often links its images from elsewhere), each real folder once."""
+    if root.is_file():
+        return [root]
+    out, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back into a folder already walked
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out += [Path(folder) / f for f in files if not f.startswith(".")]
+        out += [Path(folder) / f for f in files if not f.startswith(".") and os.path.isfile(Path(folder) / f)]
     return sorted(out)
+
+
+# data params naming files or folders a dataset reads besides data.root (absolute, or relative to it)
+DATASET_PATH_PARAMS = {"folder": ("folder_csv", "folder_classes", "folder_images"),
+                       "coco": ("coco_train_json", "coco_val_json", "coco_train_images", "coco_val_images")}
+
+
+def dataset_inputs_outside_root(data: dict) -> list[Path]:
+    """The files and folders the dataset params name that lie outside ``data.root`` (an absolute
+    ``data.folder_images``, a symlink to elsewhere is followed by the walk itself)."""
+    root = Path(os.path.abspath(data["root"]))
+    out = []
+    for key in DATASET_PATH_PARAMS.get(data["dataset"], ()):
+        path = Path(os.path.normpath(root / data[key]))
+        if path.exists() and not path.is_relative_to(root):  # under the root (even through a link): walked already
+            out.append(path.resolve())
+    return sorted(set(out))
 
 
 def dataset_digest(data: dict, cache_file: str | Path | None = None) -> dict:
@@ -109,11 +134,16 @@ def dataset_digest(data: dict, cache_file: str | Path | None = None) -> dict:
     root = Path(data["root"])
     if not root.is_dir():
         raise FileNotFoundError(f"param data.root: dataset folder {root} does not exist")
-    return {"dataset": data["dataset"], "root": str(root), **files_digest(root, cache_file)}
+    extra = dataset_inputs_outside_root(data)
+    out = {"dataset": data["dataset"], "root": str(root), **files_digest(root, cache_file, extra_roots=extra)}
+    if extra:
+        out["outside_root"] = [str(p) for p in extra]
+    return out
 
 
-def files_digest(root: Path, cache_file: str | Path | None = None) -> dict:
-    """``{"files", "bytes", "digest"}`` over every file under ``root`` (see :func:`dataset_digest`)."""
+def files_digest(root: Path, cache_file: str | Path | None = None, extra_roots: list[Path] = ()) -> dict:
+    """``{"files", "bytes", "digest"}`` over every file under ``root`` and under each of ``extra_roots``
+    (files or folders outside it, keyed by their absolute path; see :func:`dataset_digest`)."""
     cache: dict[str, list] = {}
     if cache_file is not None and Path(cache_file).is_file():
         try:
@@ -123,8 +153,11 @@ def files_digest(root: Path, cache_file: str | Path | None = None) -> dict:
     fresh: dict[str, list] = {}
     h = hashlib.sha256()
     total = 0
-    for path in _dataset_files(root):
-        rel = path.relative_to(root).as_posix()
+    named = [(path, path.relative_to(root).as_posix()) for path in _dataset_files(root)]
+    for extra in extra_roots:
+        named += [(path, f"{extra}::{path.relative_to(extra).as_posix() if extra.is_dir() else ''}")
+                  for path in _dataset_files(Path(extra))]
+    for path, rel in named:
         st = path.stat()
         known = cache.get(rel)
         if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:

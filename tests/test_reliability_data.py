@@ -281,3 +281,36 @@ def test_write_json_writes_null_for_nan_and_inf(tmp_path):
                    "n": 3, "ok": True, "arr": [1.0, None], "nested": {"deep": [[None]]}}
     update_metrics_file(path, "extra", {"x": float("nan")})
     assert _strict_load(path.read_text())["extra"] == {"x": None}
+
+
+def test_dataset_digest_follows_symlinked_and_absolute_image_folders(tmp_path):
+    """An edit to an image (same size) must change the dataset digest (and so re-run prepare and what
+    follows) when images/ is a symlink to a folder elsewhere or data.folder_images is an absolute path
+    outside data.root."""
+    from pipeline.config import defaults
+    from pipeline.provenance import dataset_digest
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    image = elsewhere / "a.png"
+    image.write_bytes(b"\x00" * 64)
+    root = tmp_path / "linked"
+    root.mkdir()
+    (root / "labels.csv").write_text("image,labels\na.png,cat\n")
+    (root / "classes.txt").write_text("cat\n")
+    (root / "images").symlink_to(elsewhere, target_is_directory=True)
+    data = dict(defaults()["data"], dataset="folder", root=str(root))
+    linked = dataset_digest(data)
+    assert linked["files"] == 3
+    image.write_bytes(b"\x01" * 64)  # same size, other content
+    assert dataset_digest(data)["digest"] != linked["digest"]
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "labels.csv").write_text("image,labels\na.png,cat\n")
+    (plain / "classes.txt").write_text("cat\n")
+    data = dict(data, root=str(plain), folder_images=str(elsewhere))  # absolute, outside data.root
+    before = dataset_digest(data, cache_file=tmp_path / "cache.json")
+    assert before["outside_root"] == [str(elsewhere.resolve())] and before["files"] == 3
+    image.write_bytes(b"\x02" * 64)
+    assert dataset_digest(data, cache_file=tmp_path / "cache.json")["digest"] != before["digest"]
