@@ -72,13 +72,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "cam": {"backbone": "efficientnet_lite0", "weights": "imagenet", "epochs": 10, "batch_size": 16, "lr": 0.02,
                 "crop_size": 320, "scale_min": 0.5, "scale_max": 1.0, "frozen_levels": 2, "freeze_bn": True,
                 "scales": [1.0], "flip": True, "stride": 4, "num_workers": 1},
-        "crf": {"mode": "irnet", "thresholds": "cam_sweep", "fg_ratio": 1.5, "bg_ratio": 0.5, "scale": 0.5},
+        "crf": {"mode": "irnet", "thresholds": "cam_sweep", "fg_ratio": 1.5, "bg_ratio": 0.5, "scale": 0.5,
+                "background_cue": "saliency"},
         "affinity": {"crop_size": 256, "batch_size": 8, "epochs": 5, "lr": 0.05, "scale_min": 0.5, "scale_max": 1.0,
                      "stride": 4, "radius": 5, "embed_dim": 64, "frozen_levels": 2, "num_workers": 1},
-        # the walk's background from the U2-Net-p salient-object detector (docs/REAL_PHOTOS.md: voc676 walk
-        # 43.6 -> 50.2, its 100-image cut 30.1 -> 39.9)
-        "saliency": {"source": "u2netp"},
-        "rw": {"background": "cam_sweep", "beta": 10.0, "logt": 8, "background_cue": "saliency"},
+        # the U2-Net-p salient-object detector guides the seeds (not salient -> background unless the CAM is
+        # confident) and is the walk's background; the walk's affinities mix AffinityNet's with the frozen
+        # backbone's (docs/REAL_PHOTOS.md: voc676 walk 43.6 -> 53.2, its 100-image cut 30.1 -> 44.5)
+        "saliency": {"source": "u2netp", "seed_rule": "guided"},
+        "rw": {"background": "cam_sweep", "beta": 10.0, "logt": 8, "background_cue": "saliency", "affinity": "mix"},
         "seg": {"backbone": "efficientnet_lite0", "weights": "classifier", "epochs": 8, "batch_size": 16, "lr": 0.01,
                 "crop_size": 320, "scale_min": 0.5, "scale_max": 1.0, "frozen_levels": 2, "freeze_bn": True,
                 "aspp_channels": 128, "num_workers": 1, "eval_flip": True},

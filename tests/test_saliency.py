@@ -293,8 +293,9 @@ def test_wsss_saliency_writes_pngs_from_the_store_or_the_source(demo, tmp_path):
     np.testing.assert_allclose(back, spectral_residual(prepared.image(ids[0])), atol=1 / 255 + 1e-6)
 
 
-def test_photos_preset_takes_the_walks_background_from_the_detector():
-    photos = preset("photos")
+def test_photos_preset_uses_what_won_on_voc676_and_its_100_image_cut():
+    photos = preset("photos")  # docs/rows/{voc676,cut100}/summary.md: guided seeds + mixed affinities, both sets
     assert photos["saliency"]["source"] == "u2netp"
     assert photos["rw"]["background_cue"] == "saliency"
-    assert photos["crf"]["background_cue"] == "cam"  # seeds keep the CAM rule (guided seeds: a switch)
+    assert photos["crf"]["background_cue"] == "saliency" and photos["saliency"]["seed_rule"] == "guided"
+    assert photos["rw"]["affinity"] == "mix"
