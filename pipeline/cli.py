@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -96,6 +97,10 @@ def _deps(args):
 
 
 def main(argv=None) -> None:
+    # plugin modules in the workspace (cam.method: myplug:MyCAM) import as they do under dvc repro, whose
+    # `python -m stages.<name>` has the working directory on sys.path; the console script would not
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     from pipeline.paths import INSTANCES, METRICS, METRICS_DIR, PREPARED, PSEUDO, SALIENCY
     from pipeline.presets import PRESETS
 

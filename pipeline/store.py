@@ -89,16 +89,20 @@ def _partial(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+OLD_MARK = ".old-wsss-"  # a replaced folder waits under <final>.old-wsss-<pid> until it is deleted
+
+
 def replace_dir(new: str | Path, final: str | Path) -> Path:
     """Publish folder ``new`` as ``final``. An existing ``final`` is renamed aside first (atomic) and
     deleted after, so at every instant ``final`` is either the old complete folder, absent, or the
-    new complete folder, never a half-deleted one. Leftover ``.old-*`` folders of killed runs go too."""
+    new complete folder, never a half-deleted one. Leftover ``<final>.old-wsss-*`` folders of killed
+    runs go too; nothing else (a user's ``<final>.old-run1`` is not ours to delete)."""
     new, final = Path(new), Path(final)
-    for stale in final.parent.glob(final.name + ".old-*"):
+    for stale in final.parent.glob(final.name + OLD_MARK + "*"):
         shutil.rmtree(stale, ignore_errors=True)
     old = None
     if final.exists():
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        old = final.with_name(f"{final.name}{OLD_MARK}{os.getpid()}")
         final.rename(old)
     new.rename(final)
     if old is not None:

@@ -147,3 +147,25 @@ def test_bad_dotted_path_names_the_module():
 def test_refiner_registry_holds_both_crf_modes():
 
     assert {"affinitynet", "irnet"} <= set(REFINERS.names())
+
+
+def test_the_wsss_command_finds_plugin_modules_in_the_workspace_as_dvc_repro_does(tmp_path):
+    """`dvc repro` runs `python -m stages.<name>` in the workspace, so `cam.method: wsplug:MyCAM` with
+    wsplug.py in the workspace root imports; the `wsss` console script must find it too."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.config import defaults, render_params
+
+    (tmp_path / "wsplug.py").write_text("from pipeline.cam.methods import ClassActivationMap\n\n\n"
+                                        "class MyCAM(ClassActivationMap):\n    pass\n")
+    repo = Path(__file__).resolve().parents[1]
+    params = defaults()
+    params["cam"]["method"] = "wsplug:MyCAM"  # not validated here: this process does not have the workspace on its path
+    (tmp_path / "params.yaml").write_text(render_params(params))
+    wsss = Path(sys.executable).parent / "wsss"
+    res = subprocess.run([str(wsss), "deps", "make_cam", "--root", str(repo)], cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    assert "wsplug.py  # plugin named in params.yaml" in res.stdout

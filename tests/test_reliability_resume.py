@@ -302,10 +302,14 @@ def test_replacing_a_store_never_leaves_it_half_deleted(tmp_path, monkeypatch):
     # the final name holds the complete new store; the old one sits aside, whole
     new = Store(path)
     assert new.attrs["kind"] == "t2" and all((new.read("mask", i) == 7).all() for i in range(6))
-    aside = list(tmp_path.glob("s.zarr.old-*"))
+    aside = list(tmp_path.glob("s.zarr.old-wsss-*"))
     assert len(aside) == 1 and np.array_equal(Store(aside[0]).read("mask", 0), old[0])
-    _small_store(tmp_path / "s.zarr")  # the next replacement clears what the killed one left
-    assert not list(tmp_path.glob("s.zarr.old-*"))
+    mine = tmp_path / "s.zarr.old-run1"  # a user's folder with a similar name
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    _small_store(tmp_path / "s.zarr")  # the next replacement clears what the killed one left, nothing else
+    assert not list(tmp_path.glob("s.zarr.old-wsss-*"))
+    assert (mine / "notes.txt").read_text() == "keep me"
 
 
 def test_checkpoint_on_a_full_disk_names_the_path_and_leaves_no_tmp(tmp_path, monkeypatch):
