@@ -369,3 +369,24 @@ def test_ablate_accepts_values_dvc_accepts(repo):
     ablate(["cam.lr=1e-3,0.02", "rw.enabled=true,false"], repo=path, mode="queue")  # 1e-3: a str to PyYAML
     assert [c[0] for c in calls] == ["abl-cam_lr_1e-3-rw_enabled_true", "abl-cam_lr_1e-3-rw_enabled_false",
                                      "abl-cam_lr_0_02-rw_enabled_true", "abl-cam_lr_0_02-rw_enabled_false"]
+
+
+def test_ids_with_spaces_and_tabs_round_trip_through_the_voc_list_and_line_breaks_are_refused(tmp_path):
+    import numpy as np
+
+    from pipeline.datasets.base import check_id
+    from pipeline.export.formats import read_voc, write_voc
+
+    masks = {"a b": np.zeros((4, 5), np.uint8), "tab\tid": np.ones((4, 5), np.uint8), " lead": np.ones((4, 5), np.uint8)}
+    out = tmp_path / "voc"
+    out.mkdir()
+    write_voc(out, iter(masks.items()), "train", ["background", "cat"], np.zeros((2, 3), np.uint8))
+    back = read_voc(out, "train")
+    assert set(back) == set(masks)
+    for image_id, mask in masks.items():
+        np.testing.assert_array_equal(back[image_id], mask)
+    with pytest.raises(ExportError, match="line break"):
+        write_voc(tmp_path / "bad", iter([("two\nlines", masks["a b"])]), "train", ["background", "cat"],
+                  np.zeros((2, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"labels.csv: unsafe image id 'two\\nlines'"):
+        check_id("two\nlines", "labels.csv")

@@ -183,7 +183,10 @@ class Dataset(ABC):
 
 
 def check_id(image_id: str, source: str) -> str:
-    """Ids name files: refuse empty ids, path separators and '..' so no id can escape a folder."""
-    if not image_id or "/" in image_id or "\\" in image_id or image_id in (".", "..") or "\x00" in image_id:
-        raise DatasetError(f"{source}: unsafe image id {image_id!r} (empty, or contains a path separator or '..')")
+    """Ids name files and fill one-id-per-line lists: refuse empty ids, path separators, '..', NUL and
+    line breaks, so no id can escape a folder or split into two list entries."""
+    if (not image_id or "/" in image_id or "\\" in image_id or image_id in (".", "..")
+            or any(c in image_id for c in "\x00\n\r")):
+        raise DatasetError(f"{source}: unsafe image id {image_id!r} (empty, or contains a path separator, a line "
+                           f"break or '..')")
     return image_id

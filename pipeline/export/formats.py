@@ -38,12 +38,13 @@ class ExportError(ValueError):
 def safe_member(root: Path, image_id: str, suffix: str) -> Path:
     """``root/<image_id><suffix>``, refusing ids that could name a file outside ``root``.
 
-    Refused: non-strings, empty ids, ids containing ``/``, ``\\`` or NUL, and ``.`` / ``..``;
-    the final path is also resolved and must sit directly in ``root``.
+    Refused: non-strings, empty ids, ids containing ``/``, ``\\``, NUL or a line break (an id list
+    holds one id per line), and ``.`` / ``..``; the final path is also resolved and must sit directly
+    in ``root``.
     """
-    if (not isinstance(image_id, str) or not image_id or any(c in image_id for c in "/\\\x00")
+    if (not isinstance(image_id, str) or not image_id or any(c in image_id for c in "/\\\x00\n\r")
             or image_id in (".", "..")):
-        raise ExportError(f"unsafe image id {image_id!r}: empty, or contains a path separator or '..'")
+        raise ExportError(f"unsafe image id {image_id!r}: empty, or contains a path separator, a line break or '..'")
     path = root / f"{image_id}{suffix}"
     if path.resolve().parent != root.resolve():
         raise ExportError(f"unsafe image id {image_id!r}: would write outside {root}")
@@ -73,7 +74,9 @@ def read_voc(folder: str | Path, split: str | None = None) -> dict[str, np.ndarr
     folder = Path(folder)
     if split is None:
         split = json.loads((folder / "manifest.json").read_text())["split"]
-    ids = (folder / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+    text = (folder / "ImageSets" / "Segmentation" / f"{split}.txt").read_text()
+    ids = [line.removesuffix("\r") for line in text.split("\n") if line.removesuffix("\r")]  # spaces and tabs are
+    # part of an id: only line breaks separate them
     return {i: read_label_png(safe_member(folder / "SegmentationClass", i, ".png")) for i in ids}
 
 
