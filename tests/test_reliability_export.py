@@ -390,3 +390,35 @@ def test_ids_with_spaces_and_tabs_round_trip_through_the_voc_list_and_line_break
                   np.zeros((2, 3), np.uint8))
     with pytest.raises(DatasetError, match=r"labels.csv: unsafe image id 'two\\nlines'"):
         check_id("two\nlines", "labels.csv")
+
+
+def test_force_refuses_a_one_format_export_holding_a_users_file(demo, tmp_path):
+    out = tmp_path / "single"
+    _export(demo, out, ["voc"])
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="notes.txt, which no export wrote"):
+        _export(demo, out, ["voc"], force=True)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_leftovers_of_a_killed_export_are_removed_or_recovered(demo, tmp_path):
+    """A kill leaves the hidden work folder; a kill between the two renames leaves the target absent
+    and the previous export in a hidden .old folder: the next export removes the first and renames
+    the second back (folders of processes still alive are left alone)."""
+    from pipeline.export import clean_killed_exports
+
+    out = tmp_path / "exp"
+    _export(demo, out, ["voc"])
+    before = _tree(out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out.rename(tmp_path / f".exp.{dead.pid}.k1k2k3k4.old")  # killed between the two renames
+    (tmp_path / f".exp.{dead.pid}.a1b2c3d4.partial").mkdir()
+    alive = tmp_path / f".exp.{os.getpid()}.zzzzzzzz.partial"  # an export running now
+    alive.mkdir()
+    actions = clean_killed_exports(out)
+    assert len(actions) == 2 and _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["exp", alive.name])
+    alive.rmdir()
+    _export(demo, out, ["voc"], force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]

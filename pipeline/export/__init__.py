@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -63,18 +64,36 @@ def _export_manifest_format(folder: Path) -> str | None:
     return None
 
 
+# what each format writes at the top of its folder (beside manifest.json and README.md)
+FORMAT_ENTRIES = {"voc": {"SegmentationClass", "ImageSets", "class_names.txt"}, "coco": {"annotations"},
+                  "zarr": {"masks.zarr"}, "coco_instances": {"annotations"}}
+
+
+def _foreign_entries(folder: Path, fmt: str) -> list[str]:
+    """Entries of a one-format export folder that its format does not write (a user's files)."""
+    expected = FORMAT_ENTRIES[fmt] | {"manifest.json", "README.md"}
+    return sorted(e.name for e in folder.iterdir() if e.name not in expected)
+
+
 def _previous_export(folder: Path) -> str | None:
     """Why ``folder`` is not a previous export (None when it is one and may be replaced).
 
-    An export is a folder with an export ``manifest.json`` (one format), or a folder whose entries
-    are all format sub-folders (voc, coco, zarr) with one each (what the ``export`` stage writes)."""
-    if _export_manifest_format(folder) is not None:
+    An export is a folder with an export ``manifest.json`` (one format) holding only what that format
+    writes, or a folder whose entries are all such format sub-folders (voc, coco, zarr) with one
+    each (what the ``export`` stage writes)."""
+    fmt = _export_manifest_format(folder)
+    if fmt is not None:
+        foreign = _foreign_entries(folder, fmt)
+        if foreign:
+            return f"it holds {', '.join(foreign[:3])}{' and more' if len(foreign) > 3 else ''}, which no export wrote"
         return None
     if (folder / "manifest.json").exists():
         return "its manifest.json is not an export manifest"
     entries = sorted(folder.iterdir())
     foreign = [e.name for e in entries if not (e.is_dir() and not e.is_symlink() and e.name in FORMATS
                                                 and _export_manifest_format(e) == e.name)]
+    foreign += [f"{e.name}/{x}" for e in entries if e.name in FORMATS and e.is_dir() and not e.is_symlink()
+                and _export_manifest_format(e) == e.name for x in _foreign_entries(e, e.name)]
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         return f"it holds {shown}, which no export wrote"
@@ -122,11 +141,50 @@ def _os_reason(e: OSError) -> str:
     return (e.strerror or str(e)).lower()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _hidden_name(out_dir: Path) -> str:
+    """Prefix of the hidden folders an export works in beside ``out_dir``: ``.<name>.<pid>.``."""
+    return f".{out_dir.name}.{os.getpid()}."
+
+
+def clean_killed_exports(out_dir: Path) -> list[str]:
+    """What a killed export left beside ``out_dir``: its hidden ``.<name>.<pid>.*.partial`` work folder
+    (removed) and, when the kill fell between the two renames of :func:`_publish`, the previous export
+    in ``.<name>.<pid>.*.old`` while ``out_dir`` is absent (renamed back). Only folders of processes
+    that are gone are touched. Returns a line per action."""
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(\d+)\.[a-z0-9_]+\.(partial|old)")
+    done = []
+    if not out_dir.parent.is_dir():
+        return done
+    for leftover in sorted(out_dir.parent.iterdir()):
+        m = pattern.fullmatch(leftover.name)
+        if not m or not leftover.is_dir() or _pid_alive(int(m.group(1))):
+            continue
+        if m.group(2) == "old" and not out_dir.exists() and _previous_export(leftover) is None:
+            leftover.rename(out_dir)
+            done.append(f"recovered the previous export {out_dir} from {leftover.name} (a killed export)")
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+            done.append(f"removed {leftover.name}, left by a killed export")
+    for line in done:
+        log.warning("export: %s", line)
+    return done
+
+
 def _publish(tmp: Path, out_dir: Path) -> None:
     """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first and removed after."""
     old = None
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        old = Path(tempfile.mkdtemp(prefix=_hidden_name(out_dir), suffix=".old", dir=out_dir.parent))
         old.rmdir()
         out_dir.rename(old)
     try:
@@ -217,6 +275,7 @@ def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_par
         raise ExportError("several formats need nest=True (one sub-folder per format)")
     out_dir = Path(out_dir)
     pseudo_store_path, prepared_dir = Path(pseudo_store_path), Path(prepared_dir)
+    clean_killed_exports(out_dir)
     _check_target(out_dir, force, [pseudo_store_path, prepared_dir])
     try:
         store = Store(pseudo_store_path)
@@ -277,7 +336,7 @@ def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_par
     )
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_hidden_name(out_dir), suffix=".partial", dir=out_dir.parent))
     except OSError as e:
         raise ExportError(f"export target {out_dir}: cannot write in {out_dir.parent}: {_os_reason(e)}") from e
     umask = os.umask(0)
