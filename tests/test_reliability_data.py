@@ -314,3 +314,22 @@ def test_dataset_digest_follows_symlinked_and_absolute_image_folders(tmp_path):
     assert before["outside_root"] == [str(elsewhere.resolve())] and before["files"] == 3
     image.write_bytes(b"\x02" * 64)
     assert dataset_digest(data, cache_file=tmp_path / "cache.json")["digest"] != before["digest"]
+
+
+def test_an_input_store_with_other_image_ids_is_an_error_naming_the_id(tmp_path):
+    """CAMs made for another dataset (other ids) reach the crf stage: a clear error naming the id and
+    the prepared data, not a bare KeyError."""
+    from pipeline.datasets import PreparedData
+    from pipeline.refine.seeds import make_seed_store
+    from pipeline.store import ArraySpec, write_store
+    from synthetic import tiny_demo
+
+    params, prepared_dir = tiny_demo(tmp_path, num_train=2, num_val=1)
+    prepared = PreparedData(params["data"], prepared_dir)
+    ids = ["train_00024"]  # not in this dataset
+    cams = write_store(tmp_path / "cams.zarr", ids, [[48, 64]], {"cam": ArraySpec("float16", stride=4, channels=3)},
+                       {"class_names": prepared.class_names, "stride": 4, "split": "train"},
+                       lambda idx: {"cam": [np.zeros((3, 12, 16), np.float16)]}, shard_images=2)
+    params["compute"]["scheduler"] = "synchronous"
+    with pytest.raises(DatasetError, match=r"image 'train_00024' is not in the prepared dataset"):
+        make_seed_store(prepared_dir, params["data"], cams, tmp_path / "seeds.zarr", params["crf"], params["compute"])

@@ -43,6 +43,14 @@ class PreparedData:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def _item(self, image_id: str) -> dict:
+        try:
+            return self._items[image_id]
+        except KeyError:
+            raise DatasetError(f"image {image_id!r} is not in the prepared dataset {self.dir} ({len(self._items)} "
+                               "images): a store that names it was made from other data; re-run the stage that "
+                               "made it (dvc repro)") from None
+
     def __contains__(self, image_id: str) -> bool:
         return image_id in self._items
 
@@ -52,14 +60,14 @@ class PreparedData:
         return list(self.index["splits"][split])
 
     def size(self, image_id: str) -> tuple[int, int]:
-        return tuple(self._items[image_id]["size"])
+        return tuple(self._item(image_id)["size"])
 
     def sizes(self, ids) -> np.ndarray:
-        return np.array([self._items[i]["size"] for i in ids], dtype=np.int32).reshape(-1, 2)
+        return np.array([self._item(i)["size"] for i in ids], dtype=np.int32).reshape(-1, 2)
 
     def labels(self, image_id: str) -> list[int]:
         """Foreground class indices (1..C-1) of the image."""
-        return list(self._items[image_id]["labels"])
+        return list(self._item(image_id)["labels"])
 
     def label_vector(self, image_id: str) -> np.ndarray:
         """Multi-hot over foreground classes: (C-1,) float32, entry k-1 for class k."""
@@ -68,7 +76,7 @@ class PreparedData:
         return v
 
     def has_gt(self, image_id: str) -> bool:
-        return bool(self._items[image_id]["has_gt"])
+        return bool(self._item(image_id)["has_gt"])
 
     def image(self, image_id: str) -> np.ndarray:
         """(H, W, 3) uint8 RGB."""
