@@ -27,9 +27,21 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (the message names the file and the cause)."""
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """The dict a :func:`save_checkpoint` wrote; FileNotFoundError naming the stage to run when absent."""
+    """The dict a :func:`save_checkpoint` wrote; FileNotFoundError naming the stage to run when absent,
+    CheckpointError naming the file and the cause when it cannot be read (truncated, not a checkpoint)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}; run the stage that trains it (see dvc.yaml)")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:
+        raise OSError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError for a damaged file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
+                              "it is truncated or not a checkpoint of this pipeline: re-run the stage that "
+                              "writes it") from e

@@ -212,8 +212,15 @@ class StoreWriter:
                 if a.shape != expect:
                     raise StoreError(f"{self.path}: array {name!r} for image {self.ids[i]!r} has shape {a.shape}, expected {expect}")
                 block[(j,) + (slice(None),) * (a.ndim - 2) + (slice(0, expect[-2]), slice(0, expect[-1]))] = a
-            z[idx.start:idx.stop] = block
-        self.group["shard_done"][shard] = True
+            try:
+                z[idx.start:idx.stop] = block
+            except OSError as e:  # a full disk, a read-only or vanished folder: say where and why
+                raise StoreError(f"{self.path}: cannot write array {name!r} of shard {shard} in {self.tmp}: "
+                                 f"{e.strerror or e}") from e
+        try:
+            self.group["shard_done"][shard] = True
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot record shard {shard} as written in {self.tmp}: {e.strerror or e}") from e
 
     def commit(self) -> Path:
         """Check every shard is written, then atomically publish ``<path>``."""

@@ -2,6 +2,7 @@
 the same (code, checkpoints, data, input stores); stores are replaced atomically; a missing or
 corrupt shard is an error; params are checked at load; dataset edits reach DVC."""
 import json
+import re
 import logging
 import os
 import shutil
@@ -421,3 +422,32 @@ def test_plugin_code_is_part_of_what_a_partial_result_was_made_from(tmp_path, mo
     assert with_plugin != library_only
     plugin.write_text(plugin.read_text() + "\n# edited\n")
     assert code_digest() != with_plugin
+
+
+def test_a_corrupt_checkpoint_names_the_file_and_the_cause(tmp_path):
+    from pipeline.checkpoint import CheckpointError, load_checkpoint
+
+    ck = save_checkpoint(tmp_path / "affinity.pt", {"w": torch.zeros(3)})
+    ck.write_bytes(ck.read_bytes()[:40])  # truncated (a copy that stopped half-way)
+    with pytest.raises(CheckpointError, match=rf"checkpoint {re.escape(str(ck))} cannot be read .*re-run the stage"):
+        load_checkpoint(ck)
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="notes.pt cannot be read"):
+        load_checkpoint(tmp_path / "notes.pt")
+
+
+def test_a_full_disk_while_writing_a_store_names_the_store_and_the_cause(tmp_path, monkeypatch):
+    import errno
+
+    import zarr
+
+    ids = [f"im{i}" for i in range(4)]
+    w = StoreWriter(tmp_path / "s.zarr", ids, [[8, 10]] * 4, {"mask": ArraySpec("uint8", fill=255)}, {}, shard_images=2)
+
+    def full(self, key, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", full)
+    with pytest.raises(StoreError, match=r"s\.zarr: cannot write array 'mask' of shard 0 in .*s\.zarr\.partial: "
+                                         r"No space left on device"):
+        w.write_shard(0, {"mask": [np.zeros((8, 10), np.uint8)] * 2})
