@@ -133,6 +133,10 @@ class StoreWriter:
         resume: bool = True,
     ):
         self.path = Path(path)
+        if self.path.is_symlink():
+            raise StoreError(f"{self.path} is a symbolic link to {os.readlink(self.path)}: a store is published by "
+                             "renaming a new folder into its place, which would replace the link with a folder "
+                             "here. Remove the link (or link the whole data/ folder instead)")
         self.tmp = _partial(self.path)
         self.ids = list(ids)
         self.sizes = np.asarray(sizes, dtype=np.int32).reshape(-1, 2)
@@ -249,6 +253,9 @@ class Store:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_symlink() and not self.path.exists():
+            raise StoreError(f"{self.path}: a symbolic link to {os.readlink(self.path)}, which does not exist "
+                             "(moved or unmounted?)")
         if not self.path.exists():
             if _partial(self.path).exists():
                 raise StoreError(f"{self.path}: incomplete (only {_partial(self.path).name} exists); re-run the stage that writes it")

@@ -451,3 +451,16 @@ def test_a_full_disk_while_writing_a_store_names_the_store_and_the_cause(tmp_pat
     with pytest.raises(StoreError, match=r"s\.zarr: cannot write array 'mask' of shard 0 in .*s\.zarr\.partial: "
                                          r"No space left on device"):
         w.write_shard(0, {"mask": [np.zeros((8, 10), np.uint8)] * 2})
+
+
+def test_a_symlinked_store_is_named_with_its_target(tmp_path):
+    elsewhere = tmp_path / "other_disk" / "cams.zarr"
+    _small_store(elsewhere)
+    link = tmp_path / "cams.zarr"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    assert Store(link).ids  # reading through a link works
+    with pytest.raises(StoreError, match=r"cams\.zarr is a symbolic link to .*other_disk/cams\.zarr: .*Remove the link"):
+        StoreWriter(link, ["a"], [[8, 10]], {"mask": ArraySpec("uint8", fill=255)}, {})
+    shutil.rmtree(elsewhere)  # the disk it pointed to is gone
+    with pytest.raises(StoreError, match=r"cams\.zarr: a symbolic link to .*, which does not exist"):
+        Store(link)
