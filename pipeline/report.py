@@ -181,7 +181,7 @@ def build_run_report(prepared, params: dict, seg_result: dict, labels: dict, upp
     """The evaluate stage's report: ``out_dir/index.html`` with the per-stage table, per-class bars and
     the galleries (train images through every stage; eval images: segmenter vs GT).
 
-    ``seg_result``: :func:`pipeline.segment.evaluate_segmenter`'s result; ``labels``: the merged label
+    ``seg_result``: :func:`pipeline.segment.run_evaluate`'s result; ``labels``: the merged label
     metrics (:func:`merge_label_metrics`); ``upper``: the GT-trained segmenter's metrics or None;
     ``stores``: {"cam", "crf", "rw"} store paths (a missing store leaves its column out).
     Returns the per-stage rows (for the stages plot)."""

@@ -190,34 +190,41 @@ def score_store(store: Store, prepared, ids: Sequence[str] | None = None, array:
     return cm
 
 
-def train_and_save(prepared, params: dict, device: torch.device, pseudo_path: str | Path, checkpoint: str | Path,
-                   resume_path: str | Path, classifier_path: str | Path | None = None) -> dict:
-    """What the train_seg stage does: train on the pseudo masks (``seg.labels: pseudo``) or GT from
-    ``seg.weights`` (``classifier``: the CAM classifier at ``classifier_path``), save ``checkpoint``,
-    clear the resume file. Returns {"history", "metrics"}."""
+def run_train_seg(prepared, params: dict, labels: str | Path, classifier: str | Path | None, out: str | Path, *,
+                  device: torch.device, resume: str | Path) -> dict:
+    """What the train_seg stage does: train on the pseudo masks of the store ``labels``
+    (``seg.labels: pseudo``) or on GT, from ``seg.weights`` (``classifier``: the CAM classifier
+    checkpoint ``classifier``), save the checkpoint ``out``, clear the resume file. Returns
+    {"history", "metrics"}."""
+    from pipeline.datasets.prepared import as_prepared
     from pipeline.models.segmenter import build_segmenter, save_segmenter
     from pipeline.provenance import prepared_digest
     from pipeline.training import clear_resume
 
+    prepared = as_prepared(prepared, params["data"])
+    pseudo_path, checkpoint, resume_path, classifier_path = labels, out, resume, classifier
     seg, data, seed = params["seg"], params["data"], params["compute"]["seed"]
     ids = prepared.ids(data["train_split"])
     masks = mask_source(seg["labels"], prepared, pseudo_path, ids)
     train_set = SegTrainSet(prepared, ids, masks, seg["crop_size"], seg["scale_min"], seg["scale_max"], seed)
     model = build_segmenter(prepared.num_classes, seg, classifier_path)
-    labels = Store(pseudo_path).attrs.get("fingerprint") if seg["labels"] == "pseudo" else "gt"
+    label_digest = Store(pseudo_path).attrs.get("fingerprint") if seg["labels"] == "pseudo" else "gt"
     history = train_segmenter(model, train_set, seg, device, seed, resume_path,
-                              {"labels": labels, "prepared": prepared_digest(prepared.dir)})
+                              {"labels": label_digest, "prepared": prepared_digest(prepared.dir)})
     save_segmenter(checkpoint, model, seg, prepared.class_names, seg["labels"], history)
     clear_resume(resume_path)
     return {"history": history, "metrics": {"train_images": len(ids), "epochs": seg["epochs"], "labels": seg["labels"],
                                             "final_loss": round(history[-1]["loss"], 5)}}
 
 
-def evaluate_segmenter(prepared, params: dict, device: torch.device, checkpoint: str | Path,
-                       predictions: str | Path) -> dict:
-    """The evaluate stage's scoring: predict the eval split into ``predictions`` (resumable) and score
-    it against GT. Returns {"metrics", "model", "checkpoint"} (the model, in eval mode, draws the report)."""
+def run_evaluate(prepared, params: dict, segmenter: str | Path, out: str | Path, *, device: torch.device) -> dict:
+    """The evaluate stage's scoring: predict the eval split with the segmenter checkpoint ``segmenter``
+    into the store ``out`` (resumable) and score it against GT. Returns {"metrics", "model",
+    "checkpoint"} (the model, in eval mode, draws the report)."""
+    from pipeline.datasets.prepared import as_prepared
     from pipeline.models.segmenter import load_segmenter
+
+    prepared, checkpoint, predictions = as_prepared(prepared, params["data"]), segmenter, out
 
     seg, data = params["seg"], params["data"]
     names = prepared.class_names

@@ -9,7 +9,7 @@ from pipeline.datasets import PreparedData
 from pipeline.metrics import read_json, write_csv, write_json
 from pipeline.progress import stage_timer
 from pipeline.report import build_run_report, merge_label_metrics
-from pipeline.segment import evaluate_segmenter
+from pipeline.segment import run_evaluate
 from stages.common import (CAMS, LABEL_METRICS, METRICS, PLOTS, PREDICTIONS, PREPARED, PSEUDO, REPORTS,
                            SEEDS, SEG_METRICS, SEG_MODEL, start, torch_device)
 
@@ -21,7 +21,7 @@ def main() -> None:
     device = torch_device(params)
     prepared = PreparedData(params["data"], PREPARED)
     with stage_timer("evaluate") as t:
-        result = evaluate_segmenter(prepared, params, device, SEG_MODEL / "segmenter.pt", PREDICTIONS)
+        result = run_evaluate(prepared, params, SEG_MODEL / "segmenter.pt", PREDICTIONS, device=device)
         m, on = result["metrics"], result["checkpoint"]["labels"]
         t.n = m["images"]
         t.extra = (f"segmenter (trained on {on}) {m['split']} "

@@ -2,7 +2,7 @@
 metrics/instances.json, plots/instances/gallery.png."""
 from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
-from pipeline.refine.instances import make_instance_masks_and_gallery
+from pipeline.refine.instances import run_instances
 from pipeline.visual import save_png
 from stages.common import AFF_MODEL, CAMS, INSTANCES, METRICS, PLOTS, PREPARED, cam_best_threshold, start
 
@@ -10,8 +10,8 @@ from stages.common import AFF_MODEL, CAMS, INSTANCES, METRICS, PLOTS, PREPARED, 
 def main() -> None:
     params = start("instances")
     with stage_timer("instances") as t:
-        result = make_instance_masks_and_gallery(PREPARED, params, CAMS, AFF_MODEL / "affinity.pt", INSTANCES,
-                                                 cam_threshold=cam_best_threshold())
+        result = run_instances(PREPARED, params, CAMS, AFF_MODEL / "affinity.pt", INSTANCES,
+                               cam_threshold=cam_best_threshold())
         m = result["metrics"]
         t.n = m["images"]
         ap = m["instance_quality"]["ap50"]

@@ -1,6 +1,5 @@
 """Stage make_cam: classifier + train images -> data/cams.zarr, metrics/cam.json, plots/cam/{threshold_curve.csv, gallery.png}."""
-from pipeline.cam.run import make_and_score_cams
-from pipeline.datasets import PreparedData
+from pipeline.cam.run import run_make_cam
 from pipeline.metrics import write_csv, write_json
 from pipeline.progress import stage_timer
 from pipeline.visual import save_png
@@ -10,9 +9,8 @@ from stages.common import CAM_METRICS, CAM_MODEL, CAMS, PLOTS, PREPARED, start, 
 def main() -> None:
     params = start("make_cam")
     device = torch_device(params, params["cam"]["num_workers"])
-    prepared = PreparedData(params["data"], PREPARED)
     with stage_timer("make_cam") as t:
-        result = make_and_score_cams(prepared, params, device, CAM_MODEL / "classifier.pt", CAMS)
+        result = run_make_cam(PREPARED, params, CAM_MODEL / "classifier.pt", CAMS, device=device)
         m = result["metrics"]
         t.n = result["images"]
         t.extra = (f"method {params['cam']['method']}, {len(params['cam']['scales'])} scales, on {device}; "

@@ -2,7 +2,7 @@
 from pipeline.compute import resolve_device
 from pipeline.metrics import write_json
 from pipeline.progress import stage_timer
-from pipeline.saliency.store import make_saliency_store
+from pipeline.saliency.store import run_saliency
 from stages.common import METRICS, PREPARED, SALIENCY, start
 
 
@@ -10,7 +10,7 @@ def main() -> None:
     params = start("saliency")
     device = str(resolve_device(params["compute"]["device"]))
     with stage_timer("saliency") as t:
-        m = make_saliency_store(PREPARED, params["data"], params["saliency"], params["compute"], SALIENCY, device=device)
+        m = run_saliency(PREPARED, params, SALIENCY, device=device)["metrics"]
         t.n = m["images"]
         t.extra = (f"source {m['source']}, foreground IoU {m['foreground_iou']}%, background IoU {m['background_iou']}% "
                    f"(threshold {m['threshold']})")

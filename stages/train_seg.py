@@ -1,18 +1,16 @@
 """Stage train_seg: pseudo masks (or GT, seg.labels=gt) -> models/seg/segmenter.pt + plots/train_seg/history.csv."""
-from pipeline.datasets import PreparedData
 from pipeline.metrics import write_csv
 from pipeline.progress import stage_timer
-from pipeline.segment import train_and_save
+from pipeline.segment import run_train_seg
 from stages.common import CAM_MODEL, PLOTS, PREPARED, PSEUDO, SEG_MODEL, resume_file, start, torch_device
 
 
 def main() -> None:
     params = start("train_seg")
     device = torch_device(params, params["seg"]["num_workers"], seed=True)
-    prepared = PreparedData(params["data"], PREPARED)
     with stage_timer("train_seg") as t:
-        result = train_and_save(prepared, params, device, PSEUDO, SEG_MODEL / "segmenter.pt", resume_file(SEG_MODEL),
-                                CAM_MODEL / "classifier.pt")
+        result = run_train_seg(PREPARED, params, PSEUDO, CAM_MODEL / "classifier.pt", SEG_MODEL / "segmenter.pt",
+                               device=device, resume=resume_file(SEG_MODEL))
         m = result["metrics"]
         t.n = m["train_images"] * m["epochs"]
         t.extra = f"labels {m['labels']}, {m['epochs']} epochs on {device}, final loss {m['final_loss']:.4f}"

@@ -115,17 +115,22 @@ def test_experiments_are_found_by_name_on_the_current_baseline_and_read_from_git
         ablate(["cam.method=cam", "rw.enabled=false"], repo=tmp_path, mode="collect")
 
 
+def _baseline_repo(root) -> str:
+    """A git repository at ``root`` whose commit holds the demo params.yaml and some metrics; returns the params text."""
+    _git(root, "init", "-q")
+    _git(root, "config", "user.email", "t@example.com")
+    _git(root, "config", "user.name", "t")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    _write_metrics(root, 1.0, 1.5, 1.7, 2.0)
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "baseline")
+    return (root / "params.yaml").read_text()
+
+
 def test_each_experiment_starts_from_the_baseline_commits_params(tmp_path, monkeypatch):
     import pipeline.ablation as ablation
 
-    _git(tmp_path, "init", "-q")
-    _git(tmp_path, "config", "user.email", "t@example.com")
-    _git(tmp_path, "config", "user.name", "t")
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    _write_metrics(tmp_path, 1.0, 1.5, 1.7, 2.0)
-    _git(tmp_path, "add", "-A")
-    _git(tmp_path, "commit", "-qm", "baseline")
-    baseline = (tmp_path / "params.yaml").read_text()
+    baseline = _baseline_repo(tmp_path)
     seen = []
 
     def fake_run(setting, name, queue=False, repo=".", until=None):
@@ -143,14 +148,7 @@ def test_each_experiment_starts_from_the_baseline_commits_params(tmp_path, monke
 def test_uncommitted_params_edits_are_refused_not_overwritten(tmp_path, monkeypatch):
     import pipeline.ablation as ablation
 
-    _git(tmp_path, "init", "-q")
-    _git(tmp_path, "config", "user.email", "t@example.com")
-    _git(tmp_path, "config", "user.name", "t")
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    _write_metrics(tmp_path, 1.0, 1.5, 1.7, 2.0)
-    _git(tmp_path, "add", "-A")
-    _git(tmp_path, "commit", "-qm", "baseline")
-    baseline = (tmp_path / "params.yaml").read_text()
+    baseline = _baseline_repo(tmp_path)
     monkeypatch.setattr(ablation, "run_experiment", lambda *a, **k: pytest.fail("nothing may run"))
     edited = baseline.replace("  epochs: 10\n", "  epochs: 12\n", 1) + "# my note\n"
     assert edited.count("epochs: 12") == 1

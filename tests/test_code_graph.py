@@ -109,3 +109,28 @@ def test_wsss_deps_names_the_plugin_modules_a_stage_runs(tmp_path, monkeypatch):
     params = with_overrides(defaults(), ["cam.method=myplug_deps:MyCAM"])
     assert plugin_deps("make_cam", GRAPH, params) == [str(plugin.resolve())]  # make_cam resolves cam.method
     assert plugin_deps("crf", GRAPH, params) == []  # crf never runs a CAM method
+
+
+def test_every_stage_makes_one_library_call_of_one_shape():
+    """stages/<name>.py calls run_<name>(prepared, params, <input stores / checkpoints>..., out, *, keyword
+    facts): the prepared data first (a folder or an open PreparedData), the params second, what the
+    stage writes last, and the device, resume file, thresholds as keywords. (prepare makes the
+    prepared data and export is also `wsss export`'s API: they keep their own.)"""
+    import ast
+    import importlib
+    import inspect
+
+    for stage in GRAPH.stage_names():
+        if stage in ("digest_data", "prepare", "export"):
+            continue
+        tree = ast.parse((REPO / "stages" / f"{stage}.py").read_text())
+        where = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                 and any(a.name == f"run_{stage}" for a in n.names)]
+        assert len(where) == 1, f"stages/{stage}.py does not import run_{stage}"
+        fn = getattr(importlib.import_module(where[0]), f"run_{stage}")
+        params = list(inspect.signature(fn).parameters.values())
+        positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert positional[:2] == ["prepared", "params"] and positional[-1] == "out", (stage, positional)
+        for p in params:
+            if p.name in ("device", "resume", "cam_threshold", "saliency_store"):
+                assert p.kind is p.KEYWORD_ONLY, (stage, p.name)

@@ -100,14 +100,14 @@ def test_mix_is_the_geometric_mean_of_learnt_and_free_affinities(tmp_path):
 
 
 def test_train_aff_with_features_saves_the_backbone_without_training(tmp_path):
-    from pipeline.refine.affinity_training import train_and_save
+    from pipeline.refine.affinity_training import run_train_aff
     from synthetic import tiny_data_with_gt_seeds
 
     params, prepared, _ = tiny_data_with_gt_seeds(tmp_path, num_train=3)
     prepared_dir = prepared.dir
     params = dict(params, rw=dict(params["rw"], affinity="features"), affinity=dict(params["affinity"], init="none"))
-    result = train_and_save(prepared_dir, params, tmp_path / "seeds.zarr", tmp_path / "none.pt", tmp_path / "f.pt",
-                            tmp_path / "resume.pt", torch.device("cpu"))
+    result = run_train_aff(prepared_dir, params, tmp_path / "seeds.zarr", tmp_path / "none.pt", tmp_path / "f.pt",
+                           device=torch.device("cpu"), resume=tmp_path / "resume.pt")
     assert result["history"] == [] and result["metrics"]["model"] == "features"
     model = load_walk_affinity(tmp_path / "f.pt", {"affinity": "features", "colour_sigma": 12.0})
     assert model.radius == params["affinity"]["radius"] and model.stride == params["affinity"]["stride"]

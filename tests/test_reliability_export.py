@@ -193,7 +193,7 @@ def test_read_only_parent_is_one_line_from_the_cli(demo, tmp_path):
 
 
 def test_busy_target_is_an_export_error_naming_it(demo, tmp_path, monkeypatch):
-    import pipeline.export as export
+    import pipeline.export.run as export
 
     out = tmp_path / "out"
     _export(demo, out, ["voc"])
@@ -405,7 +405,7 @@ def test_leftovers_of_a_killed_export_are_removed_or_recovered(demo, tmp_path):
     """A kill leaves the hidden work folder; a kill between the two renames leaves the target absent
     and the previous export in a hidden .old folder: the next export removes the first and renames
     the second back (folders of processes still alive are left alone)."""
-    from pipeline.export import clean_killed_exports
+    from pipeline.export.target import clean_killed_exports
 
     out = tmp_path / "exp"
     _export(demo, out, ["voc"])

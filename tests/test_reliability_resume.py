@@ -124,7 +124,7 @@ def test_resume_point_names_what_changed(tmp_path, caplog):
 
 def test_train_cam_resume_ignores_a_checkpoint_of_other_data(tmp_path, monkeypatch, caplog):
     import pipeline.training as training
-    from pipeline.cam.run import train_and_save
+    from pipeline.cam.run import run_train_cam
 
     def prepared_from(seed):
         params, d = tiny_demo(tmp_path / f"data{seed}", num_train=8, num_val=1, seed=seed)
@@ -143,13 +143,13 @@ def test_train_cam_resume_ignores_a_checkpoint_of_other_data(tmp_path, monkeypat
 
     monkeypatch.setattr(training.ResumePoint, "save", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_and_save(data_a, params_a, torch.device("cpu"), tmp_path / "a.pt", resume)
+        run_train_cam(data_a, params_a, tmp_path / "a.pt", device=torch.device("cpu"), resume=resume)
     monkeypatch.undo()
     assert resume.is_file()
     with caplog.at_level(logging.INFO, logger="wsss"):
-        train_and_save(data_b, params_b, torch.device("cpu"), tmp_path / "b.pt", resume)
+        run_train_cam(data_b, params_b, tmp_path / "b.pt", device=torch.device("cpu"), resume=resume)
     assert "made from other prepared" in caplog.text and "resuming" not in caplog.text
-    train_and_save(data_b, params_b, torch.device("cpu"), tmp_path / "clean.pt", tmp_path / "r2" / "resume.pt")
+    run_train_cam(data_b, params_b, tmp_path / "clean.pt", device=torch.device("cpu"), resume=tmp_path / "r2" / "resume.pt")
     got = torch.load(tmp_path / "b.pt", weights_only=True)["state_dict"]
     want = torch.load(tmp_path / "clean.pt", weights_only=True)["state_dict"]
     for name, value in want.items():

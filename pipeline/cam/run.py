@@ -25,10 +25,14 @@ log = logging.getLogger("wsss")
 
 # ---------------------------------------------------------------- train_cam
 
-def train_and_save(prepared, params: dict, device: torch.device, checkpoint: Path, resume: Path) -> dict:
-    """Train on ``data.train_split``, save ``checkpoint``, score mAP on ``data.eval_split``.
+def run_train_cam(prepared, params: dict, out: str | Path, *, device: torch.device, resume: str | Path) -> dict:
+    """What the train_cam stage does: train on ``data.train_split``, save the classifier checkpoint
+    ``out``, score mAP on ``data.eval_split``.
 
     Returns {"history": [...], "metrics": {...}} (the resume file is removed once the checkpoint exists)."""
+    from pipeline.datasets.prepared import as_prepared
+
+    prepared, checkpoint = as_prepared(prepared, params["data"]), Path(out)
     cam, data, seed = params["cam"], params["data"], params["compute"]["seed"]
     ids = prepared.ids(data["train_split"])
     if not ids:
@@ -137,11 +141,15 @@ def gallery_picture(prepared, store: Store, count: int, threshold: float) -> np.
     return cam_gallery(rows, prepared.class_names, prepared.palette, int(store.attrs["stride"]), threshold)
 
 
-def make_and_score_cams(prepared, params: dict, device: torch.device, checkpoint: Path, out: Path) -> dict:
-    """What the make_cam stage does: CAMs of the train split into ``out`` (resumable), the threshold
-    sweep against GT and the gallery. Returns {"metrics", "curve" (rows for the plot), "gallery"
-    (an RGB array or None), "images" (computed in this run)}."""
+def run_make_cam(prepared, params: dict, classifier: str | Path, out: str | Path, *, device: torch.device) -> dict:
+    """What the make_cam stage does: CAMs of the train split by the classifier checkpoint
+    ``classifier`` into ``out`` (resumable), the threshold sweep against GT and the gallery. Returns
+    {"metrics", "curve" (rows for the plot), "gallery" (an RGB array or None), "images" (computed in
+    this run)}."""
+    from pipeline.datasets.prepared import as_prepared
     from pipeline.models.classifier import load_classifier
+
+    prepared, checkpoint, out = as_prepared(prepared, params["data"]), Path(classifier), Path(out)
 
     model, meta = load_classifier(checkpoint, device)
     _, logits = make_cam_store(prepared, model, meta, params, device, out, file_digest(checkpoint))

@@ -15,6 +15,16 @@ from pipeline.datasets.imageio import DatasetError
 from pipeline.labels import IGNORE_INDEX
 
 
+def as_prepared(prepared: "PreparedData | str | Path", data: dict) -> "PreparedData":
+    """The prepared data a stage's library call was given: an open PreparedData, or its folder."""
+    return prepared if isinstance(prepared, PreparedData) else PreparedData(data, prepared)
+
+
+def prepared_folder(prepared: "PreparedData | str | Path") -> Path:
+    """The folder of the prepared data a stage's library call was given (an open PreparedData or a path)."""
+    return prepared.dir if isinstance(prepared, PreparedData) else Path(prepared)
+
+
 class PreparedData:
     def __init__(self, data_params: dict, prepared_dir: str | Path = "data/prepared"):
         self.dir = Path(prepared_dir)

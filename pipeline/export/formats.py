@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -197,3 +198,55 @@ def read_coco_instances(path: str | Path) -> dict[str, np.ndarray]:
 
 
 READERS = {"voc": read_voc, "coco": read_coco, "zarr": read_zarr, "coco_instances": read_coco_instances}
+
+
+@dataclass
+class ExportJob:
+    """What every format writer is given: the masks (a fresh, validating iterator per call), the
+    instance store's items for ``coco_instances``, and the dataset facts the formats record."""
+
+    masks: Callable[[], Iterator[tuple[str, np.ndarray]]]
+    store: Store
+    split: str
+    class_names: list[str]
+    palette: np.ndarray
+    file_name: Callable[[str], str]  # image id -> the image's file name (COCO file_name)
+    dataset_name: str | None
+    created: str
+    instances: Callable[[], Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]] | None = None
+
+    def coco_info(self, what: str) -> dict:
+        return {"description": f"{what} of {self.dataset_name}/{self.split}", "version": "1",
+                "date_created": self.created}
+
+
+def _voc(job: ExportJob, folder: Path, tick: Callable[[], None]) -> dict:
+    written = write_voc(folder, job.masks(), job.split, job.class_names, job.palette, tick)
+    return {"masks": "SegmentationClass/<id>.png", "ids": written[1], "class_names": written[2]}
+
+
+def _coco(job: ExportJob, folder: Path, tick: Callable[[], None]) -> dict:
+    written = write_coco(folder, job.masks(), job.split, job.class_names, job.file_name, job.coco_info("pseudo masks"),
+                         tick)
+    return {"annotations": written[0]}
+
+
+def _coco_instances(job: ExportJob, folder: Path, tick: Callable[[], None]) -> dict:
+    written = write_coco_instances(folder, job.instances(), job.split, job.class_names, job.file_name,
+                                   job.coco_info("instance pseudo masks"), tick)
+    return {"annotations": written[0]}
+
+
+def _zarr(job: ExportJob, folder: Path, tick: Callable[[], None]) -> dict:
+    write_zarr(folder, job.store, job.masks(), tick)
+    return {"store": "masks.zarr"}
+
+
+# format -> writer(job, folder, tick) -> the manifest's "files" entry; beside READERS, one row per format
+WRITERS: dict[str, Callable[[ExportJob, Path, Callable[[], None]], dict]] = {
+    "voc": _voc, "coco": _coco, "zarr": _zarr, "coco_instances": _coco_instances}
+FORMATS = tuple(WRITERS)
+# what each format writes at the top of its folder (beside manifest.json and README.md)
+FORMAT_ENTRIES = {"voc": {"SegmentationClass", "ImageSets", "class_names.txt"}, "coco": {"annotations"},
+                  "zarr": {"masks.zarr"}, "coco_instances": {"annotations"}}
+

@@ -142,16 +142,19 @@ def set_displacement_mean(model: AffinityNet, prepared, ids, device: torch.devic
     return [float(v) for v in head.mean]
 
 
-def train_and_save(prepared_dir: str | Path, params: dict, seeds_path: str | Path, classifier_path: str | Path,
-                   checkpoint: str | Path, resume_path: str | Path, device: torch.device) -> dict:
+def run_train_aff(prepared, params: dict, seeds: str | Path, classifier: str | Path, out: str | Path, *,
+                  device: torch.device, resume: str | Path) -> dict:
     """What the train_aff stage does: build the AffinityNet (``affinity.init``, e.g. from the CAM
-    classifier; ``rw.affinity: irn`` for IRNet's boundary-based one), train it on the seeds, save
-    ``checkpoint``, clear the resume file.
+    classifier checkpoint ``classifier``; ``rw.affinity: irn`` for IRNet's boundary-based one), train
+    it on the seed store ``seeds``, save the checkpoint ``out``, clear the resume file.
     Returns {"history", "metrics"}."""
+    from pipeline.datasets.prepared import prepared_folder
     from pipeline.models.affinity import build_affinity_net
     from pipeline.refine.feature_affinity import TRAINED_KINDS
     from pipeline.refine.runner import open_prepared
 
+    prepared_dir, seeds_path, classifier_path = prepared_folder(prepared), seeds, classifier
+    checkpoint, resume_path = out, resume
     aff = params["affinity"]
     seeds = Store(seeds_path)
     if params["rw"]["affinity"] == "features":

@@ -297,13 +297,16 @@ def make_instance_store(prepared_dir: str | Path, params: dict, cams_path: str |
     return metrics
 
 
-def make_instance_masks_and_gallery(prepared_dir: str | Path, params: dict, cams_path: str | Path,
-                                    model_path: str | Path, out_path: str | Path,
-                                    cam_threshold: float | None = None) -> dict:
-    """What the instances stage does: :func:`make_instance_store` and the gallery.
+def run_instances(prepared, params: dict, cams: str | Path, affinity: str | Path, out: str | Path, *,
+                  cam_threshold: float | None = None) -> dict:
+    """What the instances stage does: :func:`make_instance_store` from the CAM store ``cams`` and the
+    affinity model ``affinity`` (with its displacement field) into ``out``, and the gallery.
     Returns {"metrics", "gallery" (an RGB array or None)}."""
+    from pipeline.datasets.prepared import prepared_folder
     from pipeline.refine.gallery import instance_gallery
     from pipeline.refine.runner import open_prepared, open_store
+
+    prepared_dir, cams_path, model_path, out_path = prepared_folder(prepared), cams, affinity, out
 
     metrics = make_instance_store(prepared_dir, params, cams_path, model_path, out_path, cam_threshold)
     store = open_store(out_path)

@@ -225,11 +225,14 @@ def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path,
     return metrics
 
 
-def make_seeds(prepared_dir: str | Path, params: dict, cams_path: str | Path, out_path: str | Path,
-               cam_threshold: float | None = None, saliency_store: str | Path | None = None) -> dict:
-    """What the crf stage does: :func:`make_seed_store` plus the gallery of its first images.
-    Returns {"metrics", "gallery" (an RGB array or None)}."""
+def run_crf(prepared, params: dict, cams: str | Path, out: str | Path, *, cam_threshold: float | None = None,
+            saliency_store: str | Path | None = None) -> dict:
+    """What the crf stage does: :func:`make_seed_store` from the CAM store ``cams`` into ``out``, plus
+    the gallery of its first images. Returns {"metrics", "gallery" (an RGB array or None)}."""
+    from pipeline.datasets.prepared import prepared_folder
     from pipeline.refine.gallery import refine_gallery
+
+    prepared_dir, cams_path, out_path = prepared_folder(prepared), cams, out
 
     crf = params["crf"]
     metrics = make_seed_store(prepared_dir, params["data"], cams_path, out_path, crf, params["compute"],

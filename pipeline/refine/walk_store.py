@@ -103,15 +103,19 @@ def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Pat
     return metrics
 
 
-def make_pseudo_masks(prepared_dir: str | Path, params: dict, cams_path: str | Path, model_path: str | Path,
-                      out_path: str | Path, seeds_path: str | Path | None = None,
-                      cam_threshold: float | None = None, saliency_store: str | Path | None = None) -> dict:
-    """What the random_walk stage does: :func:`make_pseudo_store`, the affinity separation diagnostic
-    (walk on) and the gallery (with the seeds column when ``seeds_path`` exists).
+def run_random_walk(prepared, params: dict, cams: str | Path, affinity: str | Path, out: str | Path, *,
+                    seeds: str | Path | None = None, cam_threshold: float | None = None,
+                    saliency_store: str | Path | None = None) -> dict:
+    """What the random_walk stage does: :func:`make_pseudo_store` from the CAM store ``cams`` and the
+    affinity model ``affinity`` into ``out``, the affinity separation diagnostic (walk on) and the
+    gallery (with the seeds column when the seed store ``seeds`` exists).
     Returns {"metrics", "gallery" (an RGB array or None)}."""
     from pipeline.refine.affinity_diagnostic import SEPARATION_IMAGES, affinity_separation
     from pipeline.refine.gallery import refine_gallery
 
+    from pipeline.datasets.prepared import prepared_folder
+
+    prepared_dir, cams_path, model_path, out_path, seeds_path = prepared_folder(prepared), cams, affinity, out, seeds
     rw = params["rw"]
     metrics = make_pseudo_store(prepared_dir, params["data"], cams_path, model_path, out_path, rw, params["crf"],
                                 params["compute"], cam_threshold=cam_threshold, saliency=params["saliency"],

@@ -54,6 +54,15 @@ class ForegroundScore:
                 "foreground_recall": pct(self.tp, self.tp + self.fn)}
 
 
+def run_saliency(prepared, params: dict, out: str | Path, *, device: str = "cpu") -> dict:
+    """What the saliency stage does: :func:`make_saliency_store` for ``saliency.source`` into ``out``.
+    Returns {"metrics"}."""
+    from pipeline.datasets.prepared import prepared_folder
+
+    return {"metrics": make_saliency_store(prepared_folder(prepared), params["data"], params["saliency"],
+                                           params["compute"], out, device=device)}
+
+
 def make_saliency_store(prepared_dir: str | Path, data: dict, sal: dict, compute: dict, out_path: str | Path,
                         device: str = "cpu", ids: Sequence[str] | None = None) -> dict:
     """Maps of ``saliency.source`` for every image of ``data.train_split`` (or ``ids``) ->
