@@ -20,7 +20,7 @@ TIMING_KEYS = {"seconds", "images_per_s", "img_per_s", "time", "times", "created
 def strip_timings(obj):
     if isinstance(obj, dict):
         return {k: strip_timings(v) for k, v in obj.items()
-                if k not in TIMING_KEYS and not k.endswith(("_seconds", "_s", "_per_s"))}
+                if k not in TIMING_KEYS and "seconds" not in k and not k.endswith(("_s", "_per_s"))}
     if isinstance(obj, list):
         return [strip_timings(v) for v in obj]
     return obj
