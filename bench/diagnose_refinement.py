@@ -22,7 +22,6 @@ import sys
 from multiprocessing import Pool
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
