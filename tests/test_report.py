@@ -45,3 +45,20 @@ def test_report_is_self_contained_html_with_its_figures_next_to_it(tmp_path):
     assert all((tmp_path / s).is_file() for s in srcs)
     assert "http" not in text.replace("<!doctype html>", "")  # nothing fetched from elsewhere
     assert "50.0" in text and "segmenter" in text
+
+
+def test_quality_table_of_a_gt_run_shows_the_segmenter_only_as_the_upper_bound(tmp_path):
+    """A `seg.labels=gt` run's segmenter.json is the upper bound: no "trained on the pseudo masks" row
+    and no 85% goal scored on it."""
+    from pipeline.quality import read_metrics, write_quality
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "segmenter.json").write_text(json.dumps({"miou": 47.95, "trained_on": "gt", "ground_truth": True}))
+    (tmp_path / "m" / "rw.json").write_text(json.dumps({"miou": 50.19}))
+    m = read_metrics(tmp_path / "m")
+    assert m["segmenter"] is None and m["upper_bound"]["miou"] == 47.95
+    write_quality(tmp_path / "m", tmp_path / "q.md", "t", "cmd", [])
+    text = (tmp_path / "q.md").read_text()
+    assert "| segmenter trained on GT (upper bound) | val | 48.0 |" in text
+    assert "segmenter trained on the pseudo masks" not in text
+    assert "48.0 = " not in text  # no 85% goal scored on the GT-trained segmenter
