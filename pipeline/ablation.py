@@ -116,8 +116,6 @@ def uncommitted_params_edits(repo: str | Path = ".") -> list[str]:
     """How the workspace's ``params.yaml`` differs from the baseline commit's: ``ns.key: old -> new`` per
     changed param, or one line when only comments or layout differ. Empty when they are the same (or
     there is no committed params.yaml)."""
-    import yaml
-
     res = _git(["show", "HEAD:params.yaml"], repo)
     path = Path(repo) / "params.yaml"
     if res.returncode != 0 or not path.is_file() or path.read_text() == res.stdout:

@@ -218,9 +218,6 @@ def check_stage_deps(stages: dict, graph: CodeGraph) -> list[str]:
 def plugin_deps(stage: str, graph: CodeGraph, params: dict) -> list[str]:
     """The plugin modules ``params`` name that ``stage`` runs (through a registry its code resolves
     names in), as deps for dvc.yaml: paths relative to the project root when inside it."""
-    import inspect
-    import sys
-
     from pipeline import config, registry
 
     by_object = {id(reg): name for name, reg in vars(registry).items() if isinstance(reg, registry.Registry)}
@@ -231,9 +228,8 @@ def plugin_deps(stage: str, graph: CodeGraph, params: dict) -> list[str]:
         value = params[ns][name]
         if by_object.get(id(reg)) not in used or value in reg.builtins:
             continue
-        obj = reg.get(value, key)
-        module = sys.modules.get(getattr(obj, "__module__", "") or "")
-        source = getattr(module, "__file__", None) or inspect.getsourcefile(obj)
-        path = Path(source).resolve()
+        path = registry.source_file(reg.get(value, key))
+        if path is None:
+            continue
         out.add(path.relative_to(graph.root).as_posix() if path.is_relative_to(graph.root) else str(path))
     return sorted(out)

@@ -158,21 +158,22 @@ class Registry:
             raise RegistryError(f"{what} failed to load: {type(e).__name__}: {e}") from e
 
 
+def source_file(obj: Any) -> Path | None:
+    """The source file of the module that defines ``obj`` (resolved), or None when it has none."""
+    module = sys.modules.get(getattr(obj, "__module__", "") or "")
+    source = getattr(module, "__file__", None) if module is not None else None
+    if source is None:
+        try:
+            source = inspect.getsourcefile(obj)
+        except TypeError:
+            source = None
+    return Path(source).resolve() if source and Path(source).is_file() else None
+
+
 def plugin_source_files() -> list[Path]:
     """The source files of every plugin this process has resolved (params name them; loading params
     resolves them): what a result made with plugins was made from besides the library's own code."""
-    files = set()
-    for obj in _LOADED_PLUGINS.values():
-        module = sys.modules.get(getattr(obj, "__module__", "") or "")
-        source = getattr(module, "__file__", None) if module is not None else None
-        if source is None:
-            try:
-                source = inspect.getsourcefile(obj)
-            except TypeError:
-                source = None
-        if source and Path(source).is_file():
-            files.add(Path(source).resolve())
-    return sorted(files)
+    return sorted({f for f in map(source_file, _LOADED_PLUGINS.values()) if f is not None})
 
 
 def _at(module: str, *names: str) -> dict[str, str]:
