@@ -33,14 +33,17 @@ def quiet_pycocotools():
         yield
 
 
-def instance_annotations(instance: np.ndarray, mask: np.ndarray, score: np.ndarray, num_classes: int) -> list[dict]:
-    """One COCO annotation dict per instance of an instance-store image (without id / image_id)."""
+def instance_annotations(instance: np.ndarray, mask: np.ndarray, score: np.ndarray, num_classes: int,
+                         first: int = 1) -> list[dict]:
+    """One COCO annotation dict per instance of an instance-store image (without id / image_id).
+    ``first``: the first class an instance may have (1 after a background class, 0 without one)."""
     ids = [int(k) for k in np.unique(instance) if k != 0]
     regions = [instance == k for k in ids]
     out = []
     for k, pixels, region in zip(ids, regions, rle_regions(regions)):
         classes = np.unique(mask[pixels])
-        if len(classes) != 1 or not 0 < int(classes[0]) < num_classes:
-            raise CocoError(f"instance {k} has class values {classes.tolist()}; expected one class in 1..{num_classes - 1}")
+        if len(classes) != 1 or not first <= int(classes[0]) < num_classes:
+            raise CocoError(f"instance {k} has class values {classes.tolist()}; expected one class in "
+                            f"{first}..{num_classes - 1}")
         out.append({"category_id": int(classes[0]), **region, "score": round(float(score[pixels].max()), 5)})
     return out

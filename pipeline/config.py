@@ -54,7 +54,7 @@ BUILTIN_BACKBONE_NAMES = BACKBONES.builtin_names()
 SCHEMA: dict[str, dict[str, Any]] = {
     "data": {
         "dataset": P(str, "demo", choices=DATASETS.builtin_names(), free_text=True,
-                     help="demo | voc | coco | folder | a plugin name or dotted path"),
+                     help="demo | demo_stuff | voc | coco | folder | a plugin name or dotted path"),
         "root": P(str, "data/demo", help="dataset root (voc, coco, folder); the demo is generated into data/prepared/demo"),
         "train_split": P(str, "train", help="split the labels are made for"),
         "eval_split": P(str, "val", help="split the segmenter is evaluated on"),
@@ -66,7 +66,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "coco_train_images": P(str, "train2014"),
         "coco_val_images": P(str, "val2014"),
         "folder_csv": P(str, "labels.csv", help="folder: CSV with columns image,labels (labels split on spaces or ;)"),
-        "folder_classes": P(str, "classes.txt", help="folder: one class name per line (background implied)"),
+        "background": P(bool, True, help="true: class 0 is the background; false: every pixel is one of the classes (scenes, stuff)"),
+        "folder_classes": P(str, "classes.txt", help="folder: one class name per line (background implied when data.background)"),
         "folder_images": P(str, "images"),
         "folder_val_fraction": _num(0.2, 0.0, 0.9, help="folder: share of ids held out as the val split"),
         "demo_seed": _int(0, 0),
@@ -110,6 +111,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "mode_options": P(dict, {}, help="keyword args of the seed maker's constructor (a plugin's settings; the built-ins take none)"),
         "background_cue": P(str, "cam", choices=("cam", "saliency"),
                             help="cam: the seed rule's own background; saliency: background where saliency is low (saliency.*)"),
+        "margin": _num(0.2, 0.0, 1.0, help="crf.mode margin: a seed where the top class score beats the runner-up by at least this (the only seed rule without background)"),
         "merge": P(str, "published", choices=("published", "agree"),
                    help="how the fg- and bg-confident labellings combine: as each paper's code (published) or where they agree"),
         "iterations": _int(10, 1),
@@ -338,8 +340,32 @@ def validate(raw: dict, source: str = "params") -> dict[str, dict[str, Any]]:
     for fmt in out["export"]["formats"]:
         if fmt not in ("voc", "coco", "zarr", "coco_instances"):
             raise ParamsError(f"param export.formats: unknown format {fmt!r}; known: voc, coco, zarr, coco_instances")
+    if not d["background"]:
+        _check_without_background(out)
     _check_registered(out)
     return out
+
+
+# params that need a background class, and the values that work without one
+NEEDS_BACKGROUND = {
+    "crf.mode": ("margin", "affinitynet and irnet seeds threshold the CAM against a background"),
+    "crf.thresholds": ("fixed", "the CAM sweep's background threshold does not exist"),
+    "crf.background_cue": ("cam", "there is no background for saliency to mark"),
+    "rw.background": ("fixed", "the CAM sweep's background threshold does not exist"),
+    "rw.background_cue": ("cam", "the walk has no background channel"),
+}
+
+
+def _check_without_background(params: dict) -> None:
+    """With ``data.background: false``, refuse the params that only mean something with a background
+    class, naming the param and the value that works (the others, e.g. ``rw.alpha``, are ignored and
+    the stage says so in its log)."""
+    for key, (allowed, why) in NEEDS_BACKGROUND.items():
+        ns, name = key.split(".")
+        value = params[ns][name]
+        if value != allowed and not (key == "crf.mode" and value not in REFINERS.builtins):
+            raise ParamsError(f"param {key}: {value!r} needs a background class ({why}), but data.background is "
+                              f"false; use {key}: {allowed}")
 
 
 # params whose value names a registered part (built-in, entry-point plugin or dotted path)

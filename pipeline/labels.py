@@ -1,9 +1,14 @@
 """Label conventions every stage shares: the ignore value, class indices, the background channel,
 and stride-grid maps brought to image size.
 
-Class indices: ``0`` = background, ``k`` = ``class_names[k]``, :data:`IGNORE_INDEX` (255) = unknown /
-unsure / not labelled. Per-class maps have ``C-1`` channels: channel ``k-1`` is class ``k``; a map
-"on a stride-s grid" has shape ``(K, ceil(H/s), ceil(W/s))`` for an H x W image.
+Class indices: ``k`` = ``class_names[k]``, :data:`IGNORE_INDEX` (255) = unknown / unsure / not
+labelled. A dataset *with background* (``data.background: true``, the default) has
+``class_names[0] == "background"``: image labels are 1..C-1, per-class maps have ``C-1`` channels
+(channel ``k-1`` is class ``k``) and the refinement adds a background channel. A dataset *without
+background* (scenes where every pixel is a class): image labels are 0..C-1, per-class maps have ``C``
+channels (channel ``k`` is class ``k``) and no stage adds a background channel: a pixel is one of
+its image's labels. :func:`first_class` is the one place that offset lives. A map "on a stride-s
+grid" has shape ``(K, ceil(H/s), ceil(W/s))`` for an H x W image.
 """
 from __future__ import annotations
 
@@ -15,9 +20,27 @@ import numpy as np
 IGNORE_INDEX = 255
 
 
+def first_class(background: bool) -> int:
+    """The index of the first labellable class: 1 after the background, 0 without one. Class ``k``'s
+    channel in a per-class map is ``k - first_class(background)``."""
+    return 1 if background else 0
+
+
 def present_classes(labels: Sequence[int]) -> list[int]:
-    """Sorted, unique foreground class indices (1..C-1)."""
+    """Sorted, unique class indices of an image's labels."""
     return sorted({int(c) for c in labels})
+
+
+def class_channels(classes: Sequence[int], background: bool = True) -> list[int]:
+    """The per-class map channels of ``classes``."""
+    first = first_class(background)
+    return [int(c) - first for c in classes]
+
+
+def label_scores(cams: np.ndarray, alpha: float, background: bool = True) -> np.ndarray:
+    """The scores a pixel's label is the argmax of: with background, :func:`with_background`;
+    without, the image's class maps as they are (a pixel is one of its labels)."""
+    return with_background(cams, alpha) if background else np.asarray(cams, np.float32)
 
 
 def with_background(cams: np.ndarray, alpha: float) -> np.ndarray:
@@ -27,11 +50,13 @@ def with_background(cams: np.ndarray, alpha: float) -> np.ndarray:
     return np.concatenate([bg[None], cams.astype(np.float32)], 0)
 
 
-def to_class_labels(index: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """Channel index map (0 = background, k = classes[k-1]) -> uint8 class labels (255 kept)."""
+def to_class_labels(index: np.ndarray, classes: Sequence[int], background: bool = True) -> np.ndarray:
+    """Index map into :func:`label_scores`' channels -> uint8 class labels (255 kept). With
+    background: 0 = background, k = classes[k-1]; without: k = classes[k]."""
     lut = np.full(256, IGNORE_INDEX, np.uint8)
-    lut[0] = 0
-    for k, c in enumerate(classes, start=1):
+    if background:
+        lut[0] = 0
+    for k, c in enumerate(classes, start=first_class(background)):
         lut[k] = c
     return lut[np.asarray(index).astype(np.int64).clip(0, 255)]
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets import DatasetError, open_dataset
-from pipeline.labels import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX, first_class
+from pipeline.provenance import GENERATED_DATASETS
 from pipeline.store import ArraySpec, replace_dir, write_store
 from pipeline.visual import grid, overlay, save_png
 
@@ -31,7 +32,16 @@ def prepare_dataset(data: dict, out_dir: str | Path, shard_images: int = 32, sou
 
         generate(tmp / "demo", data["demo_seed"], data["demo_num_train"], data["demo_num_val"],
                  data["demo_min_side"], data["demo_max_side"])
+    elif data["dataset"] == "demo_stuff":
+        from pipeline.datasets.demo_stuff import generate_stuff
+
+        generate_stuff(tmp / "demo_stuff", data["demo_seed"], data["demo_num_train"] + data["demo_num_val"],
+                       data["demo_min_side"], data["demo_max_side"])
     ds = open_dataset(data, tmp)
+    if bool(ds.background) != bool(data["background"]):
+        raise DatasetError(f"param data.background: {str(data['background']).lower()}, but dataset "
+                           f"{data['dataset']!r} {'has' if ds.background else 'has no'} background class "
+                           f"(class 0 is {ds.class_names[0]!r}); set data.background: {str(ds.background).lower()}")
     splits, items, skipped = {}, {}, []
     for split in dict.fromkeys([data["train_split"], data["eval_split"]]):
         res = ds.scan(split, on_bad_item=data["on_bad_item"], max_images=data["max_images"])
@@ -44,8 +54,9 @@ def prepare_dataset(data: dict, out_dir: str | Path, shard_images: int = 32, sou
         raise DatasetError(f"{ds.root}: {len(dup)} ids are in both {data['train_split']!r} and {data['eval_split']!r}, e.g. {sorted(dup)[:3]}")
     index = {
         # the demo is generated inside the .partial folder that becomes out_dir
-        "dataset": data["dataset"], "root": str(out_dir / "demo" if data["dataset"] == "demo" else ds.root),
-        "class_names": ds.class_names,
+        "dataset": data["dataset"],
+        "root": str(out_dir / data["dataset"] if data["dataset"] in GENERATED_DATASETS else ds.root),
+        "class_names": ds.class_names, "background": bool(ds.background),
         "palette": ds.palette.tolist(), "splits": splits, "items": items,
         "num_skipped": len(skipped), "source_digest": (source or {}).get("digest"),
     }
@@ -69,7 +80,7 @@ def prepare_dataset(data: dict, out_dir: str | Path, shard_images: int = 32, sou
                 shard_images=shard_images, progress="gt.zarr")
     replace_dir(tmp, out_dir)
     return {"dataset": data["dataset"], "images": {s: len(v) for s, v in splits.items()}, "skipped": len(skipped),
-            "classes": len(ds.class_names) - 1}
+            "classes": len(ds.class_names) - first_class(ds.background)}
 
 
 def contact_sheet(prepared, split: str, n: int = 16) -> np.ndarray:
@@ -86,14 +97,14 @@ def contact_sheet(prepared, split: str, n: int = 16) -> np.ndarray:
 
 def class_statistics(prepared, split: str) -> dict:
     """Per-class image counts and pairwise co-occurrence (shows the demo's context bias)."""
-    names = prepared.class_names
-    c = len(names) - 1
+    names = prepared.class_names[prepared.first_class:]
+    c = len(names)
     co = np.zeros((c, c), int)
     for i in prepared.ids(split):
         v = prepared.label_vector(i)
         co += np.outer(v, v).astype(int)
-    return {"images_per_class": {names[k + 1]: int(co[k, k]) for k in range(c)},
-            "co_occurrence": {names[a + 1]: {names[b + 1]: int(co[a, b]) for b in range(c) if b != a} for a in range(c)}}
+    return {"images_per_class": {names[k]: int(co[k, k]) for k in range(c)},
+            "co_occurrence": {names[a]: {names[b]: int(co[a, b]) for b in range(c) if b != a} for a in range(c)}}
 
 
 def save_contact_sheet(prepared, split: str, path) -> Path:

@@ -1,7 +1,8 @@
 """Named presets: partial params that overlay the schema's defaults (:mod:`pipeline.config`).
 
 ``demo`` is what the committed ``params.yaml`` holds (``wsss params --preset demo``; a test keeps the
-two equal); ``tiny`` is for tests and smoke runs; ``photos`` for real photos on a CPU; ``psa``,
+two equal); ``tiny`` is for tests and smoke runs; ``demo_stuff`` / ``tiny_stuff`` the same without a
+background class; ``photos`` for real photos on a CPU; ``psa``,
 ``irnet``, ``seam`` and ``sccam`` the published systems' settings. Only ``wsss params`` and the tests
 read this module: no stage imports it, so editing a preset re-runs nothing until its values reach a
 params file.
@@ -98,6 +99,12 @@ PRESETS["seam"] = merge(PRESETS["psa"], {"cam": {"training": "seam", "training_o
 # class, sub-category loss weight 5, 3 rounds); ResNet-38 replaced by ResNet-50 as above.
 PRESETS["sccam"] = merge(PRESETS["psa"], {"cam": {"training": "sccam",
                                                   "training_options": {"k": 10, "weight": 5.0, "rounds": 3}}})
+# Scenes without a background class (data.background: false): the generated stuff-and-things demo
+# (pipeline/datasets/demo_stuff.py) with the demo's settings; seeds by the label-margin rule (the
+# only one that needs no background). `tiny_stuff` is the same at the tiny preset's sizes, for tests.
+_NO_BACKGROUND = {"data": {"dataset": "demo_stuff", "background": False}, "crf": {"mode": "margin", "margin": 0.2}}
+PRESETS["demo_stuff"] = merge(PRESETS["demo"], _NO_BACKGROUND)
+PRESETS["tiny_stuff"] = merge(PRESETS["tiny"], _NO_BACKGROUND)
 
 
 def preset(name: str) -> dict[str, dict[str, Any]]:

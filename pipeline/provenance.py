@@ -120,17 +120,25 @@ def dataset_inputs_outside_root(data: dict) -> list[Path]:
     return sorted(set(out))
 
 
+# datasets the prepare stage generates from the data params into its own output (no files to digest)
+GENERATED_DATASETS = ("demo", "demo_stuff")
+
+
 def dataset_digest(data: dict, cache_file: str | Path | None = None) -> dict:
     """Content digest of the dataset files under ``data.root`` (every file, sha256 each).
 
     Returns ``{"dataset", "root", "files", "bytes", "digest"}``; ``digest`` changes when any file's
-    content, name or presence changes. The demo is generated from params, so its digest covers
-    the ``data`` params only. ``cache_file``: a JSON of (size, mtime) -> sha256 from an earlier call;
+    content, name or presence changes. The demos are generated from params, so their digest covers
+    the ``data`` params that make them only. ``cache_file``: a JSON of (size, mtime) -> sha256 from an earlier call;
     files whose size and mtime are unchanged are not read again (how DVC's own state works).
     """
-    if data["dataset"] == "demo":
-        blob = json.dumps({k: v for k, v in data.items() if k.startswith("demo_")}, sort_keys=True).encode()
-        return {"dataset": "demo", "root": None, "files": 0, "bytes": 0, "digest": hashlib.sha256(blob).hexdigest()[:16]}
+    if data["dataset"] in GENERATED_DATASETS:
+        made_by = {k: v for k, v in data.items() if k.startswith("demo_")}
+        if data["dataset"] != "demo":  # the object demo's digest stays what it was
+            made_by.update(dataset=data["dataset"], folder_val_fraction=data["folder_val_fraction"])
+        blob = json.dumps(made_by, sort_keys=True).encode()
+        return {"dataset": data["dataset"], "root": None, "files": 0, "bytes": 0,
+                "digest": hashlib.sha256(blob).hexdigest()[:16]}
     root = Path(data["root"])
     if not root.is_dir():
         raise FileNotFoundError(f"param data.root: dataset folder {root} does not exist")

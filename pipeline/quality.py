@@ -82,23 +82,33 @@ def quality_markdown(m: dict[str, dict | None], title: str, command: str, notes:
 
     cam, crf, rw = m.get("cam") or {}, m.get("crf") or {}, m.get("rw") or {}
     lines += ["", "## Diagnostics", ""]
+    no_background = (cam or crf or rw).get("background") is False
     if cam:
         b = cam.get("baselines", {})
-        lines.append(f"- CAM: best background threshold {cam.get('best_threshold')} "
-                     f"(all-background baseline {_f(b.get('all_background', {}).get('miou'))}, "
-                     f"top-label baseline {_f(b.get('top_label', {}).get('miou'))}).")
+        if no_background:
+            lines.append(f"- CAM: no background class, each pixel the argmax of its image's labels (no threshold; "
+                         f"top-label baseline {_f(b.get('top_label', {}).get('miou'))}).")
+        else:
+            lines.append(f"- CAM: best background threshold {cam.get('best_threshold')} "
+                         f"(all-background baseline {_f(b.get('all_background', {}).get('miou'))}, "
+                         f"top-label baseline {_f(b.get('top_label', {}).get('miou'))}).")
     if crf:
-        lines.append(f"- Seeds: mode {crf.get('mode')}, foreground where CAM ≥ {crf.get('fg_threshold')}, background "
-                     f"where max CAM < {crf.get('bg_threshold')}; mIoU over labelled pixels {_f(crf.get('miou'))}.")
+        if no_background:
+            lines.append(f"- Seeds: mode {crf.get('mode')}, the top class where it beats the runner-up by "
+                         f"{crf.get('margin')}; mIoU over labelled pixels {_f(crf.get('miou'))}.")
+        else:
+            lines.append(f"- Seeds: mode {crf.get('mode')}, foreground where CAM ≥ {crf.get('fg_threshold')}, background "
+                         f"where max CAM < {crf.get('bg_threshold')}; mIoU over labelled pixels {_f(crf.get('miou'))}.")
     if rw:
-        lines.append(f"- Random walk: beta {rw.get('beta')}, 2^{rw.get('logt')} steps, background exponent "
-                     f"{rw.get('alpha')} (stride {rw.get('affinity_stride')}, radius {rw.get('radius')}).")
+        exponent = "no background channel" if no_background else f"background exponent {rw.get('alpha')}"
+        lines.append(f"- Random walk: beta {rw.get('beta')}, 2^{rw.get('logt')} steps, {exponent} "
+                     f"(stride {rw.get('affinity_stride')}, radius {rw.get('radius')}).")
         sep = rw.get("affinity_separation")
         if sep:
             lines.append(f"- Affinity separation on {sep['images']} GT images: mean affinity of same-object pairs "
                          f"{sep['same_object']}, background pairs {sep['same_background']}, pairs across a class "
                          f"boundary {sep['different']} (gap {sep['gap']}).")
-        if cam:
+        if cam and not no_background:
             bg = "background"
             lines.append(f"- Background through the walk: IoU {_f(cam['per_class_iou'].get(bg))} → "
                          f"{_f(rw['per_class_iou'].get(bg))}, precision {_f(cam['per_class_precision'].get(bg))} → "

@@ -187,9 +187,10 @@ CAM_METHODS = Registry("cam_method", param="cam.method",
                        builtins=_at("pipeline.cam.methods", "cam", "gradcam", "gradcampp"))
 CAM_TRAINING = Registry("cam_training", param="cam.training",
                         builtins=_at("pipeline.cam.objectives", "plain", "seam", "sccam"))
-REFINERS = Registry("refiner", param="crf.mode", builtins=_at("pipeline.refine.seeds", "affinitynet", "irnet"))
+REFINERS = Registry("refiner", param="crf.mode", builtins=_at("pipeline.refine.seeds", "affinitynet", "irnet", "margin"))
 # Dataset subclasses (pipeline.datasets.base)
 DATASETS = Registry("dataset", param="data.dataset",
                     builtins={"demo": "pipeline.datasets.demo", "voc": "pipeline.datasets.voc",
-                              "coco": "pipeline.datasets.coco", "folder": "pipeline.datasets.folder"})
+                              "coco": "pipeline.datasets.coco", "folder": "pipeline.datasets.folder",
+                              "demo_stuff": "pipeline.datasets.demo_stuff"})
 ALL = (BACKBONES, CAM_METHODS, CAM_TRAINING, REFINERS, DATASETS)

@@ -16,7 +16,9 @@ def main() -> None:
         t.extra = (f"method {params['cam']['method']}, {len(params['cam']['scales'])} scales, on {device}; "
                    + (f"CAM mIoU {m['miou']} at threshold {m['best_threshold']} (all background "
                       f"{m['baselines']['all_background']['miou']}, top label {m['baselines']['top_label']['miou']})"
-                      if m["ground_truth"] else "no ground truth: CAMs not scored"))
+                      if m["ground_truth"] and m.get("background", True) else
+                      f"CAM mIoU {m['miou']}, argmax over the labels: no background (top label "
+                      f"{m['baselines']['top_label']['miou']})" if m["ground_truth"] else "no ground truth: CAMs not scored"))
     write_json(CAM_METRICS, m)
     write_csv(PLOTS / "cam" / "threshold_curve.csv", result["curve"], ["threshold", "miou"])
     if result["gallery"] is not None:

@@ -3,6 +3,9 @@
 A pixel's pseudo label is the labelled class with the highest CAM when that score is above the
 background threshold, else background (0). Two trivial baselines put the numbers in context:
 ``all_background`` (every pixel 0) and ``top_label`` (every pixel the image's most confident label).
+
+Without a background class (``data.background: false``) there is no threshold: a pixel's label is
+the argmax of its image's labels' CAMs (:class:`LabelArgmax`), and the metrics say so.
 """
 from __future__ import annotations
 
@@ -23,8 +26,22 @@ def threshold_range(lo: float, hi: float, step: float) -> list[float]:
     return [round(lo + i * step, 6) for i in range(n)]
 
 
-def pseudo_label(cam_full: np.ndarray, threshold: float) -> np.ndarray:
-    """(K, H, W) CAMs -> (H, W) uint8: argmax class (1..K) where its score > threshold, else 0."""
+def label_argmax(cam_full: np.ndarray, labels: Sequence[int], first: int = 0) -> np.ndarray:
+    """(K, H, W) CAMs of every label class (channel c - first = class c) -> (H, W) uint8: per pixel the
+    image's label with the highest CAM (no background)."""
+    classes = sorted(int(c) for c in labels)
+    if not classes:
+        raise ValueError("an image without labels has no label to take the argmax over")
+    arg = cam_full[[c - first for c in classes]].argmax(0)
+    return np.asarray(classes, np.uint8)[arg]
+
+
+def pseudo_label(cam_full: np.ndarray, threshold: float | None, labels: Sequence[int] | None = None,
+                 background: bool = True) -> np.ndarray:
+    """(K, H, W) CAMs -> (H, W) uint8: argmax class (1..K) where its score > threshold, else 0.
+    Without ``background``: :func:`label_argmax` over ``labels`` (the threshold is not used)."""
+    if not background:
+        return label_argmax(cam_full, labels or [], 0)
     if cam_full.shape[0] == 0:
         return np.zeros(cam_full.shape[1:], np.uint8)
     top = cam_full.max(0)
@@ -41,7 +58,7 @@ class ThresholdSweep:
         self.baselines = {"all_background": ConfusionMatrix(num_classes), "top_label": ConfusionMatrix(num_classes)}
         self.images = 0
 
-    def update(self, cam_full: np.ndarray, gt: np.ndarray, top_label: int) -> None:
+    def update(self, cam_full: np.ndarray, gt: np.ndarray, top_label: int, labels: Sequence[int] = ()) -> None:
         """cam_full: (K, H, W) at image size; gt: (H, W) uint8 (255 ignored); top_label: class 1..K."""
         top = cam_full.max(0) if cam_full.shape[0] else np.zeros(gt.shape, np.float32)
         arg = (cam_full.argmax(0) + 1).astype(np.uint8) if cam_full.shape[0] else np.zeros(gt.shape, np.uint8)
@@ -82,9 +99,40 @@ class ThresholdSweep:
         return out
 
 
-def top_label(labels: Sequence[int], logits: np.ndarray) -> int:
-    """The image's most confident label (1..K): the labelled class with the highest classifier logit."""
+class LabelArgmax:
+    """CAM scoring without a background class: one confusion matrix of :func:`label_argmax`, and the
+    ``top_label`` baseline. Same interface as :class:`ThresholdSweep`; no threshold, no curve."""
+
+    NOTE = "no background class: each pixel takes the argmax of its image's labels' CAMs (no threshold to sweep)"
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.matrix = ConfusionMatrix(num_classes)
+        self.baselines = {"top_label": ConfusionMatrix(num_classes)}
+        self.images = 0
+
+    def update(self, cam_full: np.ndarray, gt: np.ndarray, top_label: int, labels: Sequence[int] = ()) -> None:
+        """cam_full: (C, H, W) at image size (channel k = class k); gt (H, W) uint8; labels: the image's classes."""
+        self.matrix.update(label_argmax(cam_full, labels, 0), gt)
+        self.baselines["top_label"].update(np.full_like(gt, top_label), gt)
+        self.images += 1
+
+    @property
+    def has_ground_truth(self) -> bool:
+        return self.matrix.has_ground_truth
+
+    def summary(self, class_names: Sequence[str]) -> dict:
+        out = self.matrix.summary(class_names)
+        out.update({"best_threshold": None, "threshold": "none", "note": self.NOTE, "images": self.images,
+                    "curve": [], "baselines": {name: {"miou": percent(b.miou()), "pixel_accuracy": percent(b.pixel_accuracy())}
+                                               for name, b in self.baselines.items()}})
+        return out
+
+
+def top_label(labels: Sequence[int], logits: np.ndarray, first: int = 1) -> int:
+    """The image's most confident label: the labelled class with the highest classifier logit
+    (logit ``c - first`` is class ``c``)."""
     labels = list(labels)
     if not labels:
         return 0
-    return int(max(labels, key=lambda c: float(logits[c - 1])))
+    return int(max(labels, key=lambda c: float(logits[c - first])))

@@ -20,20 +20,24 @@ def _caption(image: np.ndarray, text: str) -> np.ndarray:
 
 
 def cam_gallery(rows: Sequence[dict], class_names: Sequence[str], palette: np.ndarray, stride: int,
-                threshold: float, cell: int = 160) -> np.ndarray:
-    """rows: {"id", "image" (H,W,3) uint8, "gt" (H,W) uint8 or None, "cam" (K, gh, gw), "labels" [1..K]}.
+                threshold: float | None, cell: int = 160, first: int = 1) -> np.ndarray:
+    """rows: {"id", "image" (H,W,3) uint8, "gt" (H,W) uint8 or None, "cam" (K, gh, gw), "labels" [class indices]}.
+    ``first``: the first label class (1 after a background, 0 without one: CAM channel c - first is class c).
 
-    Columns: image | GT | pseudo label @ threshold | heatmap of each labelled class (named on the cell)."""
+    Columns: image | GT | pseudo label @ threshold (argmax over the labels without background, threshold
+    None) | heatmap of each labelled class (named on the cell)."""
     pictures, labels = [], []
     for r in rows:
         image, size = r["image"], r["image"].shape[:2]
         full = grid_to_image(np.asarray(r["cam"], np.float32), size, stride)
         gt = r["gt"] if r["gt"] is not None else np.full(size, 255, np.uint8)
-        row = [image, colourise(gt, palette), colourise(pseudo_label(full, threshold), palette)]
+        pseudo = pseudo_label(full, threshold, r["labels"], background=first == 1)
+        row = [image, colourise(gt, palette), colourise(pseudo, palette)]
         for c in r["labels"]:
-            row.append(_caption(heatmap(image, full[c - 1]), class_names[c]))
+            row.append(_caption(heatmap(image, full[c - first]), class_names[c]))
         pictures.append(row)
         labels.append(r["id"])
     ncol = max((len(p) for p in pictures), default=3)
-    titles = ["image", "ground truth", f"pseudo @ {threshold:g}"] + [f"CAM {i + 1}" for i in range(ncol - 3)]
+    pseudo_title = "pseudo (label argmax)" if threshold is None else f"pseudo @ {threshold:g}"
+    titles = ["image", "ground truth", pseudo_title] + [f"CAM {i + 1}" for i in range(ncol - 3)]
     return grid(pictures, titles=titles, cell=cell, row_labels=labels)

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.cam.evaluate import ThresholdSweep, threshold_range, top_label
+from pipeline.cam.evaluate import LabelArgmax, ThresholdSweep, threshold_range, top_label
 from pipeline.cam.gallery import cam_gallery
 from pipeline.cam.infer import CamInference, compute_cams
 from pipeline.cam.methods import build_method
@@ -39,7 +39,7 @@ def run_train_cam(prepared, params: dict, out: str | Path, *, device: torch.devi
         raise ValueError(f"split {data['train_split']!r} (param data.train_split) has no images")
     ds = ClassificationSet(prepared.image, ids, [prepared.label_vector(i) for i in ids], cam["crop_size"],
                            cam["scale_min"], cam["scale_max"], seed)
-    model, history = train_classifier(ds, cam, prepared.num_classes - 1, device, seed,
+    model, history = train_classifier(ds, cam, prepared.num_label_classes, device, seed,
                                       num_workers=cam["num_workers"], resume_path=resume,
                                       inputs={"prepared": prepared_digest(prepared.dir)})
     save_classifier(checkpoint, model, cam["backbone"], prepared.class_names, cam)
@@ -50,7 +50,7 @@ def run_train_cam(prepared, params: dict, out: str | Path, *, device: torch.devi
     if val_ids:
         scores = predict_scores(model, [prepared.image(i) for i in val_ids], device)
         targets = np.stack([prepared.label_vector(i) for i in val_ids])
-        cls = mean_average_precision(scores, targets, prepared.class_names[1:])
+        cls = mean_average_precision(scores, targets, prepared.label_class_names)
         metrics.update({"val_images": len(val_ids), "val_map": cls["map"], "val_per_class_ap": cls["per_class_ap"]})
     return {"history": history, "metrics": metrics}
 
@@ -84,11 +84,12 @@ def make_cam_store(prepared, model: CamClassifier, meta: dict, params: dict, dev
         logits_by_id.update({k: res[k][1] for k in keys})
         return {"cam": [res[k][0].astype(np.float16) for k in keys]}
 
-    attrs = {"class_names": list(prepared.class_names), "stride": cam["stride"], "method": cam["method"],
+    attrs = {"class_names": list(prepared.class_names), "background": prepared.background,
+             "stride": cam["stride"], "method": cam["method"],
              "params": dict(cam), "split": data["train_split"], "backbone": meta["backbone"],
              "classifier": classifier_digest,
              "inputs": {"classifier": classifier_digest, "prepared": prepared_digest(prepared.dir)}}
-    path = write_store(out, ids, sizes, {"cam": cam_spec(cam["stride"], prepared.num_classes - 1)}, attrs, compute,
+    path = write_store(out, ids, sizes, {"cam": cam_spec(cam["stride"], prepared.num_label_classes)}, attrs, compute,
                        shard_images=params["compute"]["shard_images"], progress="make_cam")
     return path, logits_by_id
 
@@ -97,8 +98,11 @@ def evaluate_cam_store(prepared, store: Store, model: CamClassifier, logits_by_i
                        device: torch.device) -> dict:
     """Threshold sweep + baselines over the store's images that have GT. Returns the metrics dict."""
     cam = params["cam"]
-    sweep = ThresholdSweep(threshold_range(cam["eval_thr_min"], cam["eval_thr_max"], cam["eval_thr_step"]),
-                           prepared.num_classes)
+    if prepared.background:
+        sweep = ThresholdSweep(threshold_range(cam["eval_thr_min"], cam["eval_thr_max"], cam["eval_thr_step"]),
+                               prepared.num_classes)
+    else:  # cam.eval_thr_* mean nothing here: the metrics carry the note that says so
+        sweep = LabelArgmax(prepared.num_classes)
     stride = int(store.attrs["stride"])
     with progress_bar(total=len(store), desc="cam eval", unit="img") as bar:
         for i, image_id in enumerate(store.ids):
@@ -110,10 +114,14 @@ def evaluate_cam_store(prepared, store: Store, model: CamClassifier, logits_by_i
             if logits is None:  # computed by an earlier, interrupted run: score it again
                 logits = predict_scores(model, [prepared.image(image_id)], device)[0]
             full = grid_to_image(store.read("cam", i).astype(np.float32), gt.shape, stride)
-            sweep.update(full, gt, top_label(prepared.labels(image_id), logits))
+            labels = prepared.labels(image_id)
+            sweep.update(full, gt, top_label(labels, logits, prepared.first_class), labels)
     out = sweep.summary(prepared.class_names)
     out["method"] = cam["method"]
     out["split"] = store.attrs.get("split")
+    if not prepared.background:  # (metrics of a dataset with background stay as they were: no key)
+        out["background"] = False
+        log.info("make_cam: %s (cam.eval_thr_* not used)", out["note"])
     if not out["ground_truth"]:  # GT is optional: the CAMs are written, there is just nothing to score them on
         out["note"] = (f"no ground truth: no image of split {out['split']!r} has a GT mask, so the CAMs are not "
                        f"scored and there is no best threshold")
@@ -121,16 +129,19 @@ def evaluate_cam_store(prepared, store: Store, model: CamClassifier, logits_by_i
     return out
 
 
-def gallery_threshold(metrics: dict, cam: dict) -> float:
+def gallery_threshold(metrics: dict, cam: dict) -> float | None:
     """The threshold the CAM gallery's pseudo labels use: the sweep's best, or without ground truth
-    (no best) the middle of the swept range (the gallery's column title shows it)."""
+    (no best) the middle of the swept range (the gallery's column title shows it); None without a
+    background class (argmax over the labels)."""
+    if metrics.get("background") is False:
+        return None
     if metrics.get("best_threshold") is not None:
         return float(metrics["best_threshold"])
     grid = threshold_range(cam["eval_thr_min"], cam["eval_thr_max"], cam["eval_thr_step"])
     return grid[len(grid) // 2]
 
 
-def gallery_picture(prepared, store: Store, count: int, threshold: float) -> np.ndarray | None:
+def gallery_picture(prepared, store: Store, count: int, threshold: float | None) -> np.ndarray | None:
     """Gallery of the first ``count`` images of the store (None when count is 0)."""
     rows = []
     for image_id in store.ids[:count]:
@@ -138,7 +149,8 @@ def gallery_picture(prepared, store: Store, count: int, threshold: float) -> np.
                      "cam": store.read("cam", image_id), "labels": prepared.labels(image_id)})
     if not rows:
         return None
-    return cam_gallery(rows, prepared.class_names, prepared.palette, int(store.attrs["stride"]), threshold)
+    return cam_gallery(rows, prepared.class_names, prepared.palette, int(store.attrs["stride"]), threshold,
+                       first=prepared.first_class)
 
 
 def run_make_cam(prepared, params: dict, classifier: str | Path, out: str | Path, *, device: torch.device) -> dict:

@@ -1,8 +1,10 @@
 """The one dataset interface every adapter implements.
 
 Conventions (all adapters):
-- ``class_names[0] == "background"``; ground-truth masks hold class indices, 255 = ignore.
-- ``labels(id)`` is the image-level label set as foreground class indices (1..C-1).
+- ``background`` True (the default): ``class_names[0] == "background"``, image labels are 1..C-1;
+  False (scenes where every pixel is a class): no background index, image labels are 0..C-1
+  (:mod:`pipeline.labels`). Ground-truth masks hold class indices, 255 = ignore.
+- ``labels(id)`` is the image-level label set as class indices.
 - ``load_image(id)`` returns (H, W, 3) uint8 RGB whatever the file's mode.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.datasets.imageio import DatasetError, exif_orientation, read_label_png, read_rgb, voc_palette
-from pipeline.labels import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX, first_class
 
 
 class ExcludedItem(DatasetError):
@@ -45,6 +47,7 @@ class Dataset(ABC):
     """Adapter interface: ids per split, image loader, image-level labels, optional GT masks."""
 
     name: str = "dataset"
+    background: bool = True  # class 0 is "background" (False: every class can be an image label)
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -113,14 +116,16 @@ class Dataset(ABC):
     def labels(self, image_id: str) -> list[int]:
         """Sorted foreground class indices; unknown names raise DatasetError naming the image."""
         out = set()
+        first = first_class(self.background)
         index = {n: i for i, n in enumerate(self.class_names)}
         for lab in self.raw_labels(image_id):
             if isinstance(lab, str):
-                if lab not in index:
-                    raise DatasetError(f"{self.describe(image_id)}: unknown class name {lab!r}; known: {self.class_names[1:]}")
+                if lab not in index or index[lab] < first:
+                    raise DatasetError(f"{self.describe(image_id)}: unknown class name {lab!r}; known: "
+                                       f"{self.class_names[first:]}")
                 lab = index[lab]
-            if not 1 <= int(lab) < self.num_classes:
-                raise DatasetError(f"{self.describe(image_id)}: class index {lab} out of range 1..{self.num_classes - 1}")
+            if not first <= int(lab) < self.num_classes:
+                raise DatasetError(f"{self.describe(image_id)}: class index {lab} out of range {first}..{self.num_classes - 1}")
             out.add(int(lab))
         return sorted(out)
 

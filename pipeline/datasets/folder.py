@@ -3,11 +3,14 @@
 Layout (paths are params, relative to ``data.root``)::
 
     root/classes.txt      one class name per line ("background" is implied at index 0 unless listed first;
-                          blank lines and lines starting with '#' are ignored)
+                          with ``data.background: false`` there is no background: the first line is
+                          class 0 and a "background" line is refused; blank lines and lines starting
+                          with '#' are ignored)
     root/labels.csv       header ``image,labels`` (other columns ignored); ``labels`` holds class names
                           separated by spaces or ';', e.g. ``cat;dog`` or ``cat dog``
     root/images/...       the files named in the ``image`` column (sub-folders allowed)
-    root/masks/<id>.png   optional GT masks (palette or grayscale class indices, 255 = ignore)
+    root/masks/<id>.png   optional GT masks (palette or grayscale class indices, 255 = ignore; without
+                          background, value 0 is the first class of classes.txt)
 
 Image ids are file-name stems. Splits ``train``/``val`` come from a hash of the id, so an image
 keeps its split when others are added or removed; ``val_fraction`` of ids go to ``val``.
@@ -23,6 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.datasets.base import Dataset, Record, check_id
 from pipeline.datasets.imageio import DatasetError, read_utf8_text
+from pipeline.labels import first_class
 from pipeline.registry import DATASETS
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".tif", ".tiff", ".webp")
@@ -36,8 +40,9 @@ class _Row:
     labels: list[str]
 
 
-def read_class_list(path: str | Path) -> list[str]:
-    """Class names with "background" at index 0. Raises DatasetError naming the file and line."""
+def read_class_list(path: str | Path, background: bool = True) -> list[str]:
+    """Class names: with ``background``, "background" at index 0; without, the file's classes as
+    listed (a "background" line is refused). Raises DatasetError naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: class list file is missing (param data.folder_classes)")
@@ -51,12 +56,17 @@ def read_class_list(path: str | Path) -> list[str]:
             raise DatasetError(f"{path}:{n}: class name {name!r} contains a space or ';', which separate labels in the CSV")
         if name in lines:
             raise DatasetError(f"{path}:{n}: duplicate class name {name!r} (first on line {lines[name]})")
+        if name == "background" and not background:
+            raise DatasetError(f"{path}:{n}: 'background' listed, but data.background is false (every pixel is one of "
+                               f"the listed classes); remove the line or set data.background: true")
         if name == "background" and names:
             raise DatasetError(f"{path}:{n}: 'background' must be the first class or not listed at all")
         lines[name] = n
         names.append(name)
     if not names or names == ["background"]:
         raise DatasetError(f"{path}: class list has no foreground classes")
+    if not background:
+        return names
     return names if names[0] == "background" else ["background"] + names
 
 
@@ -73,16 +83,19 @@ class FolderDataset(Dataset):
     def from_params(cls, data: dict, prepared_dir: Path) -> "FolderDataset":
         root = Path(data["root"])
         return cls(root, csv=root / data["folder_csv"], classes=root / data["folder_classes"],
-                   images=root / data["folder_images"], val_fraction=data["folder_val_fraction"])
+                   images=root / data["folder_images"], val_fraction=data["folder_val_fraction"],
+                   background=data.get("background", True))
 
-    def __init__(self, root, csv: str | Path, classes: str | Path, images: str | Path, val_fraction: float = 0.2):
+    def __init__(self, root, csv: str | Path, classes: str | Path, images: str | Path, val_fraction: float = 0.2,
+                 background: bool = True):
         super().__init__(root)
+        self.background = bool(background)
         if not 0.0 <= float(val_fraction) < 1.0:
             raise DatasetError(f"param data.folder_val_fraction: {val_fraction!r} must be in [0, 1)")
         self.csv_path = Path(csv)
         self.images_dir = Path(images)
         self.mask_dir = self.root / "masks"
-        self._classes = read_class_list(classes)
+        self._classes = read_class_list(classes, self.background)
         self._rows: dict[str, _Row] = {}
         self._lines: dict[str, list[int]] = {}
         order = self._read_csv()
@@ -165,11 +178,12 @@ class FolderDataset(Dataset):
 
     def labels(self, image_id: str) -> list[int]:
         index = {n: i for i, n in enumerate(self._classes)}
+        first = first_class(self.background)
         out = set()
         for name in self.raw_labels(image_id):
             if name not in index:
-                raise DatasetError(f"{self.describe(image_id)}: unknown class name {name!r}; known: {self._classes[1:]}")
-            if index[name] == 0:
+                raise DatasetError(f"{self.describe(image_id)}: unknown class name {name!r}; known: {self._classes[first:]}")
+            if index[name] < first:
                 raise DatasetError(f"{self.describe(image_id)}: 'background' is not an image label; list foreground classes only")
             out.add(index[name])
         return sorted(out)

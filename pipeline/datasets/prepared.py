@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.datasets.imageio import DatasetError
-from pipeline.labels import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX, first_class
 
 
 def as_prepared(prepared: "PreparedData | str | Path", data: dict) -> "PreparedData":
@@ -34,6 +34,12 @@ class PreparedData:
         self.index = json.loads(index_file.read_text())
         self.data_params = data_params
         self.class_names: list[str] = self.index["class_names"]
+        # True when class 0 is the background (indexes from before data.background were all made with one)
+        self.background: bool = bool(self.index.get("background", True))
+        self.first_class: int = first_class(self.background)
+        if "background" in data_params and bool(data_params["background"]) != self.background:
+            raise DatasetError(f"param data.background: {str(data_params['background']).lower()}, but {index_file} was "
+                               f"prepared with background {str(self.background).lower()}; re-run the prepare stage")
         self.palette = np.asarray(self.index["palette"], dtype=np.uint8)
         self._items = self.index["items"]
 
@@ -52,6 +58,16 @@ class PreparedData:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def num_label_classes(self) -> int:
+        """How many classes can be image labels (the classifier's outputs, the CAM channels)."""
+        return self.num_classes - self.first_class
+
+    @property
+    def label_class_names(self) -> list[str]:
+        """The names of the classes that can be image labels, in channel order."""
+        return self.class_names[self.first_class:]
 
     def _item(self, image_id: str) -> dict:
         try:
@@ -76,13 +92,13 @@ class PreparedData:
         return np.array([self._item(i)["size"] for i in ids], dtype=np.int32).reshape(-1, 2)
 
     def labels(self, image_id: str) -> list[int]:
-        """Foreground class indices (1..C-1) of the image."""
+        """Class indices of the image's labels (1..C-1 with background, 0..C-1 without)."""
         return list(self._item(image_id)["labels"])
 
     def label_vector(self, image_id: str) -> np.ndarray:
-        """Multi-hot over foreground classes: (C-1,) float32, entry k-1 for class k."""
-        v = np.zeros(self.num_classes - 1, np.float32)
-        v[np.asarray(self.labels(image_id), int) - 1] = 1
+        """Multi-hot over the label classes: (num_label_classes,) float32, entry k - first_class for class k."""
+        v = np.zeros(self.num_label_classes, np.float32)
+        v[np.asarray(self.labels(image_id), int) - self.first_class] = 1
         return v
 
     def has_gt(self, image_id: str) -> bool:

@@ -1,7 +1,7 @@
 """Writers and readers of the three export formats.
 
-Every writer takes an iterator of ``(image_id, mask)`` pairs ((H, W) uint8; 0 background,
-k class k, 255 ignore) and a target folder that already exists, and returns the list of files
+Every writer takes an iterator of ``(image_id, mask)`` pairs ((H, W) uint8; k class k (0 is the
+background unless the dataset has none), 255 ignore) and a target folder that already exists, and returns the list of files
 it wrote relative to that folder. Readers return ``{image_id: mask}`` so a round trip can be
 checked against the source store.
 
@@ -9,12 +9,14 @@ checked against the source store.
         ``class_names.txt`` (line k = class k).
 - coco: ``annotations/instances_<split>.json``: one annotation per class present per image,
         compressed-RLE segmentation, ``iscrowd`` 0, ``category_id`` = class index (background
-        is category 0); pixels covered by no annotation are 255 (unsure).
+        is category 0; without a background class, category 0 is the first class); pixels covered
+        by no annotation are 255 (unsure).
 - zarr: ``masks.zarr``: a copy of the mask store (zarr v3, array "mask", attrs hold ids).
 - coco_instances: ``annotations/instances_<split>.json`` from the instance store
         (``data/instances.zarr``): one annotation per instance, compressed-RLE segmentation,
         ``category_id`` = class index, ``score`` in (0, 1], ``iscrowd`` 0; categories are the
-        foreground classes. Its reader returns instance-id maps (0 = no instance).
+        foreground classes (every class without background). Its reader returns instance-id maps
+        (0 = no instance).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import numpy as np
 
 from pipeline.coco import CocoError, instance_annotations, quiet_pycocotools, rle_regions
 from pipeline.datasets.imageio import read_label_png, write_label_png
-from pipeline.labels import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX, first_class
 from pipeline.store import Store
 
 
@@ -92,7 +94,8 @@ def mask_annotations(mask: np.ndarray, num_classes: int) -> list[dict]:
 
 
 def write_coco(out: Path, items: Iterable[tuple[str, np.ndarray]], split: str, class_names: list[str],
-               file_name: Callable[[str], str], info: dict, tick: Callable[[], None] = lambda: None) -> list[str]:
+               file_name: Callable[[str], str], info: dict, tick: Callable[[], None] = lambda: None,
+               background: bool = True) -> list[str]:
     images, annotations = [], []
     for n, (image_id, mask) in enumerate(items, start=1):
         safe_member(out, image_id, "")  # same id rules as the other formats
@@ -107,7 +110,7 @@ def write_coco(out: Path, items: Iterable[tuple[str, np.ndarray]], split: str, c
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": k, "name": name, "supercategory": "background" if k == 0 else "object"}
+        "categories": [{"id": k, "name": name, "supercategory": "background" if background and k == 0 else "object"}
                        for k, name in enumerate(class_names)],
     }
     rel = f"annotations/instances_{split}.json"
@@ -164,7 +167,7 @@ def read_zarr(folder: str | Path) -> dict[str, np.ndarray]:
 
 def write_coco_instances(out: Path, items: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]], split: str,
                          class_names: list[str], file_name: Callable[[str], str], info: dict,
-                         tick: Callable[[], None] = lambda: None) -> list[str]:
+                         tick: Callable[[], None] = lambda: None, background: bool = True) -> list[str]:
     """``items``: (image_id, instance, mask, score) per image (the instance store's arrays)."""
     images, annotations = [], []
     for n, (image_id, instance, mask, score) in enumerate(items, start=1):
@@ -174,7 +177,7 @@ def write_coco_instances(out: Path, items: Iterable[tuple[str, np.ndarray, np.nd
                        "image_key": image_id})
         try:
             try:
-                anns = instance_annotations(instance, mask, score, len(class_names))
+                anns = instance_annotations(instance, mask, score, len(class_names), first_class(background))
             except CocoError as e:
                 raise ExportError(f"{image_id}: {e}") from None
         except ExportError as e:
@@ -184,7 +187,7 @@ def write_coco_instances(out: Path, items: Iterable[tuple[str, np.ndarray, np.nd
         tick()
     doc = {"info": info, "licenses": [], "images": images, "annotations": annotations,
            "categories": [{"id": k, "name": name, "supercategory": "object"}
-                          for k, name in enumerate(class_names) if k > 0]}
+                          for k, name in enumerate(class_names) if k >= first_class(background)]}
     rel = f"annotations/instances_{split}.json"
     (out / "annotations").mkdir(parents=True)
     (out / rel).write_text(json.dumps(doc, separators=(",", ":")))
@@ -214,6 +217,7 @@ class ExportJob:
     dataset_name: str | None
     created: str
     instances: Callable[[], Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]] | None = None
+    background: bool = True  # class 0 is the background (False: a dataset without one)
 
     def coco_info(self, what: str) -> dict:
         return {"description": f"{what} of {self.dataset_name}/{self.split}", "version": "1",
@@ -227,13 +231,13 @@ def _voc(job: ExportJob, folder: Path, tick: Callable[[], None]) -> dict:
 
 def _coco(job: ExportJob, folder: Path, tick: Callable[[], None]) -> dict:
     written = write_coco(folder, job.masks(), job.split, job.class_names, job.file_name, job.coco_info("pseudo masks"),
-                         tick)
+                         tick, job.background)
     return {"annotations": written[0]}
 
 
 def _coco_instances(job: ExportJob, folder: Path, tick: Callable[[], None]) -> dict:
     written = write_coco_instances(folder, job.instances(), job.split, job.class_names, job.file_name,
-                                   job.coco_info("instance pseudo masks"), tick)
+                                   job.coco_info("instance pseudo masks"), tick, job.background)
     return {"annotations": written[0]}
 
 

@@ -97,7 +97,8 @@ def utc_now() -> str:
 def build_manifest(*, fmt: str, files: dict, dataset: dict, split: str, ids_count: int, class_names: list[str],
                    palette: list, ignore_value: int, params: dict, code_revision: dict | None, inputs: dict,
                    label_quality: dict | None, stage_metrics: dict | None, source: dict, created: str,
-                   code_revision_unavailable: str | None = None, inputs_unavailable: dict | None = None) -> dict:
+                   code_revision_unavailable: str | None = None, inputs_unavailable: dict | None = None,
+                   background: bool = True) -> dict:
     """The manifest dict. A missing code revision or input hash stays None under its key and the
     reason goes beside it: ``code_revision_unavailable`` (str), ``inputs_unavailable`` ({path: str})."""
     why = {}
@@ -114,6 +115,7 @@ def build_manifest(*, fmt: str, files: dict, dataset: dict, split: str, ids_coun
         "split": split,
         "count": ids_count,
         "class_names": class_names,
+        "background": bool(background),
         "palette": palette,
         "ignore_value": ignore_value,
         "params": params,
@@ -156,7 +158,14 @@ def datasheet(manifest: dict) -> str:
     m = manifest
     q = m.get("label_quality") or {}
     fmt_text = _FORMAT_TEXT[m["format"]].format(split=m["split"], annotations=m["files"].get("annotations", ""))
+    background = m.get("background", True)
+    if not background:  # category 0 is a class like the others: say so instead of the background sentences
+        fmt_text = (fmt_text.replace("(background is category 0, so the annotations of an image tile every labelled pixel)",
+                                     "(no background class: category 0 is the first class, and the annotations of an "
+                                     "image tile every labelled pixel)")
+                    .replace("(background is not a category)", "(every class is a category: no background)"))
     classes = ", ".join(f"{k} = {n}" for k, n in enumerate(m["class_names"]))
+    classes += "" if background else " (no background class: every pixel is one of these, or 255)"
     rev = m.get("code_revision") or {}
     rev_text = ((f"`{rev.get('commit', '?')[:12]}`" + (" (with uncommitted changes)" if rev.get("dirty") else ""))
                 if rev else f"unknown ({m.get('code_revision_unavailable') or 'not a git checkout'})")
@@ -169,9 +178,13 @@ def datasheet(manifest: dict) -> str:
                    "give a coarse score per class.")
         thresholds = (f"{crf.get('fg_ratio')} / {crf.get('bg_ratio')} x the CAM's best threshold"
                       if crf.get("thresholds") == "cam_sweep" else f"{crf.get('fg_threshold')} / {crf.get('bg_threshold')}")
-        how.append(f"2. A dense CRF turned the CAMs into confident seeds (enabled: {crf.get('enabled')}, mode "
-                   f"`{crf.get('mode')}`, merge rule `{crf.get('merge')}`; foreground / background thresholds {thresholds}); "
-                   "pixels neither confidently foreground nor background became 255.")
+        if background:
+            how.append(f"2. A dense CRF turned the CAMs into confident seeds (enabled: {crf.get('enabled')}, mode "
+                       f"`{crf.get('mode')}`, merge rule `{crf.get('merge')}`; foreground / background thresholds "
+                       f"{thresholds}); pixels neither confidently foreground nor background became 255.")
+        else:
+            how.append(f"2. Seeds: a pixel took its image's top class where that class beat the runner-up by "
+                       f"{crf.get('margin')} (dense CRF over the image's labels: {crf.get('enabled')}); elsewhere 255.")
         how.append(f"3. An affinity network learned from the seeds which neighbouring pixels belong together; a random walk "
                    f"(enabled: {rw.get('enabled')}, beta {rw.get('beta')}, 2^{rw.get('logt')} steps) spread the CAM scores "
                    "inside objects, and each pixel took the best class.")

@@ -170,7 +170,8 @@ def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_par
     common = dict(
         dataset={"name": prepared.index.get("dataset"), "root": prepared.index.get("root"),
                  "prepared_dir": str(prepared_dir)},
-        split=split, ids_count=len(store.ids), class_names=class_names, palette=palette.tolist(),
+        split=split, ids_count=len(store.ids), class_names=class_names, background=prepared.background,
+        palette=palette.tolist(),
         ignore_value=IGNORE_INDEX, params=params or {}, code_revision=revision, code_revision_unavailable=no_revision,
         inputs=inputs, inputs_unavailable=no_inputs,
         stage_metrics=label_metrics,
@@ -189,7 +190,7 @@ def run_export(pseudo_store_path: str | Path, prepared_dir: str | Path, data_par
     summary = {"out_dir": str(out_dir), "count": len(store.ids), "formats": {}}
     job = ExportJob(masks=items, store=store, split=split, class_names=class_names, palette=palette,
                     file_name=_image_file_name(prepared), dataset_name=common["dataset"]["name"],
-                    created=common["created"],
+                    created=common["created"], background=prepared.background,
                     instances=(lambda: instance_items(instances)) if instances is not None else None)
     try:
         for fmt in formats:

@@ -59,14 +59,18 @@ def seed_to_grid(seed: np.ndarray, stride: int) -> np.ndarray:
     return seed[np.ix_(ys, xs)]
 
 
-def pair_labels(seed_grid: torch.Tensor, offsets: Sequence[tuple[int, int]]):
+def pair_labels(seed_grid: torch.Tensor, offsets: Sequence[tuple[int, int]], background: bool = True):
     """(B, h, w) long seeds on the grid -> (bg_pos, fg_pos, neg) masks, each (B, P, h, w) bool.
 
     Same class -> positive (background and foreground kept apart), different classes -> negative,
-    a 255 at either end or a partner outside the grid -> in none of the three.
+    a 255 at either end or a partner outside the grid -> in none of the three. Without
+    ``background`` (class 0 is a class like the others) every same-class pair is in ``fg_pos`` and
+    ``bg_pos`` is empty.
     """
     a = seed_grid.unsqueeze(1)
     b = torch.stack([shifted(seed_grid, dy, dx, fill=IGNORE_INDEX) for dy, dx in offsets], 1)
     known = (a != IGNORE_INDEX) & (b != IGNORE_INDEX)
     same = known & (a == b)
+    if not background:
+        return torch.zeros_like(same), same, known & (a != b)
     return same & (a == 0), same & (a != 0), known & (a != b)

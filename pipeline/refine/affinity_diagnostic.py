@@ -19,7 +19,8 @@ def affinity_separation(model_path: str | Path, prepared, ids: Sequence[str], de
     pixel pairs (cell centres of the affinity grid, within the training radius) whose GT classes are
     the same (background-background and object-object apart) and different. Images without GT are
     skipped. Returns {"images", "same_background", "same_object", "different", "gap"} (means, and
-    same-object minus different: a walk can only separate objects when the gap is large)."""
+    same-object minus different: a walk can only separate objects when the gap is large). Without a
+    background class, ``same_object`` is every same-class pair and ``same_background`` is None."""
     from pipeline.models.pairs import pair_labels, pair_offsets, seed_to_grid
 
     model = cached_affinity_model(model_path, device, rw)
@@ -31,7 +32,7 @@ def affinity_separation(model_path: str | Path, prepared, ids: Sequence[str], de
             continue
         aff = image_affinities(model, prepared.image(image_id), offsets).cpu()
         grid = torch.from_numpy(seed_to_grid(gt, model.stride).astype(np.int64))[None]
-        for k, mask in enumerate(pair_labels(grid, offsets)):
+        for k, mask in enumerate(pair_labels(grid, offsets, prepared.background)):
             sums[k] += float(aff[mask[0]].sum())
             counts[k] += int(mask.sum())
         used += 1

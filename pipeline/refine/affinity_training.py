@@ -98,7 +98,7 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
     def step(batch):
         x = images_to(batch["image"], device)
         s = batch["seed"].to(device)
-        bg, fg, neg = pair_labels(s, offsets)
+        bg, fg, neg = pair_labels(s, offsets, prepared.background)
         loss, n, d = model.training_outputs(x, offsets, bg, fg, neg)
         for k in counts:
             counts[k] += n[k]

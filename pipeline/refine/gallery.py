@@ -5,23 +5,24 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.labels import IGNORE_INDEX, grid_to_image, present_classes, to_class_labels, with_background
+from pipeline.labels import IGNORE_INDEX, class_channels, grid_to_image, label_scores, present_classes, to_class_labels
 from pipeline.visual import colourise, grid, heatmap
 
 
 def _cam_columns(prepared, cams, image_id: str, alpha: float):
     image = prepared.image(image_id)
     classes = present_classes(prepared.labels(image_id))
-    cam = cams.read("cam", image_id)[[c - 1 for c in classes]].astype(np.float32)
+    cam = cams.read("cam", image_id)[class_channels(classes, prepared.background)].astype(np.float32)
     full = grid_to_image(cam, image.shape[:2], int(cams.specs["cam"].stride))
     cam_max = full.max(0) if len(full) else np.zeros(image.shape[:2], np.float32)
-    cam_label = to_class_labels(with_background(full, alpha).argmax(0), classes)
+    cam_label = to_class_labels(label_scores(full, alpha, prepared.background).argmax(0), classes, prepared.background)
     return image, cam_max, cam_label
 
 
-def refine_gallery(prepared, ids: Sequence[str], cams, columns: dict, alpha: float, cell: int = 128) -> np.ndarray:
-    """Rows = ``ids``; columns: image, GT, CAM heatmap, CAM argmax (background (1 - max)^alpha),
-    then one column per entry of ``columns`` ({title: Store with array "seed" or "mask"})."""
+def refine_gallery(prepared, ids: Sequence[str], cams, columns: dict, alpha: float | None, cell: int = 128) -> np.ndarray:
+    """Rows = ``ids``; columns: image, GT, CAM heatmap, CAM argmax (background (1 - max)^alpha; over the
+    image's labels only without a background class), then one column per entry of ``columns``
+    ({title: Store with array "seed" or "mask"})."""
     pal = prepared.palette
     rows = []
     for image_id in ids:
@@ -33,7 +34,8 @@ def refine_gallery(prepared, ids: Sequence[str], cams, columns: dict, alpha: flo
             name = "seed" if "seed" in store.specs else "mask"
             row.append(colourise(store.read(name, image_id), pal))
         rows.append(row)
-    titles = ["image", "ground truth", "CAM max", f"CAM argmax a={alpha:g}"] + list(columns)
+    argmax_title = f"CAM argmax a={alpha:g}" if prepared.background else "CAM argmax (labels)"
+    titles = ["image", "ground truth", "CAM max", argmax_title] + list(columns)
     return grid(rows, titles=titles, cell=cell, row_labels=list(ids))
 
 

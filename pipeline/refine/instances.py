@@ -36,8 +36,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from pipeline.labels import IGNORE_INDEX, grid_to_image, with_background
-from pipeline.refine.runner import ImageTask
+from pipeline.labels import IGNORE_INDEX, first_class, grid_to_image, label_scores, with_background
+from pipeline.refine.runner import ImageTask, open_prepared
 
 NO_INSTANCE = 0
 
@@ -79,19 +79,21 @@ def centre_clusters(points: np.ndarray, merge_radius: int) -> tuple[np.ndarray, 
 
 
 def instance_candidates(cams: np.ndarray, centres: np.ndarray, classes: Sequence[int], alpha: float,
-                        max_instances: int) -> tuple[np.ndarray, list[int]]:
+                        max_instances: int, background: bool = True) -> tuple[np.ndarray, list[int]]:
     """cams (K, h, w) for ``classes`` on the grid, centres (h, w) -> (instance CAMs (M, h, w), class of
     each). A (class, centre) pair is a candidate where the CAM labels some of the centre's cells with
     that class; the class's cells whose points reached no centre are split into connected regions,
     one candidate each (so a flat displacement field falls back to connected components). At most
-    ``max_instances``, largest CAM mass first."""
+    ``max_instances``, largest CAM mass first. Without ``background`` the CAM's argmax is over the
+    classes only, so every cell is some class's (instances per class, no background)."""
     empty = np.zeros((0,) + cams.shape[1:], np.float32), []
     if not len(classes):
         return empty
-    winner = with_background(cams, alpha).argmax(0)  # 0 background, k + 1 class k
+    first = first_class(background)
+    winner = label_scores(cams, alpha, background).argmax(0)  # with background: 0 background, k + 1 class k
     found = []
     for k, cls in enumerate(classes):
-        cells = winner == k + 1
+        cells = winner == k + first
         for centre in np.unique(centres[cells & (centres > 0)]):
             keep = centres == centre
             found.append((float(cams[k][keep & cells].sum()), k, keep))
@@ -108,21 +110,27 @@ def instance_candidates(cams: np.ndarray, centres: np.ndarray, classes: Sequence
 
 
 def instances_from_scores(scores: np.ndarray, classes: Sequence[int], min_area: float,
-                          ignore_below: float = 0.0) -> dict[str, np.ndarray]:
-    """Walked scores (1 + M, H, W) (background first) and each channel's class -> the stored arrays
+                          ignore_below: float = 0.0, background: bool = True) -> dict[str, np.ndarray]:
+    """Walked scores (1 + M, H, W) (background first; (M, H, W) without ``background``) and each
+    instance channel's class -> the stored arrays
     {"instance", "mask", "score"} (see the module docstring). Pixels whose top score is below
     ``ignore_below``, and those of instances under ``min_area`` of the image, are 255 in ``mask``
     and belong to no instance; the kept instances are numbered 1..n."""
     h, w = scores.shape[1:]
-    top = scores.argmax(0)
-    if ignore_below > 0:
-        top = np.where(scores.max(0) < ignore_below, -1, top)  # unsure: 255 in mask, no instance
+    if not len(scores):
+        top = np.full((h, w), -1, np.int64)
+    else:
+        top = scores.argmax(0)
+        if ignore_below > 0:
+            top = np.where(scores.max(0) < ignore_below, -1, top)  # unsure: 255 in mask, no instance
     instance = np.zeros((h, w), np.uint16)
-    mask = np.where(top < 0, IGNORE_INDEX, 0).astype(np.uint8)
+    # what no instance takes: background, or unsure where there is no background to fall back on
+    mask = np.where(top < 0, IGNORE_INDEX, 0 if background else IGNORE_INDEX).astype(np.uint8)
     score = np.zeros((h, w), np.float32)
-    fg_max = float(scores[1:].max()) if len(scores) > 1 else 0.0
+    first = first_class(background)
+    fg_max = float(scores[first:].max()) if len(scores) > first else 0.0
     next_id = 1
-    for m, cls in enumerate(classes, start=1):
+    for m, cls in enumerate(classes, start=first):
         pixels = top == m
         if not pixels.any():
             continue
@@ -137,21 +145,24 @@ def instances_from_scores(scores: np.ndarray, classes: Sequence[int], min_area: 
 
 
 def instance_masks(image: np.ndarray, cam_grid: np.ndarray, cam_stride: int, classes: Sequence[int], rw: dict,
-                   inst: dict, aff, disp: np.ndarray, offsets, aff_stride: int) -> dict[str, np.ndarray]:
+                   inst: dict, aff, disp: np.ndarray, offsets, aff_stride: int,
+                   background: bool = True) -> dict[str, np.ndarray]:
     """One image's instance pseudo masks: cam_grid (K, gh, gw) for ``classes``, ``aff`` (P, h, w) and
-    ``disp`` (2, h, w) on the affinity grid. Returns {"instance", "mask", "score"} at image size."""
+    ``disp`` (2, h, w) on the affinity grid. Returns {"instance", "mask", "score"} at image size.
+    Without ``background`` the walk has no background channel: instances tile the image, per class."""
     from pipeline.refine.random_walk import affinity_grid_cams, random_walk
 
     size = image.shape[:2]
     grid = tuple(disp.shape[-2:])
     cams = affinity_grid_cams(cam_grid, cam_stride, size, grid, aff_stride)
     centres, _ = centre_clusters(converge(disp, inst["iterations"]), inst["merge_radius"])
-    maps, inst_classes = instance_candidates(cams, centres, classes, rw["alpha"], inst["max_instances"])
-    background = with_background(cams, rw["alpha"])[:1]
-    start = np.concatenate([background, maps])
+    maps, inst_classes = instance_candidates(cams, centres, classes, rw["alpha"], inst["max_instances"], background)
+    start = np.concatenate([with_background(cams, rw["alpha"])[:1], maps]) if background else maps
+    if not len(start):  # nothing to walk (no labels): no instance, every pixel unsure
+        return instances_from_scores(np.zeros((0,) + tuple(size), np.float32), [], inst["min_area"], 0.0, background)
     walked = random_walk(start, aff, offsets, rw["beta"], rw["logt"]) if rw["enabled"] else start
     scores = grid_to_image(walked, size, aff_stride)
-    return instances_from_scores(scores, inst_classes, inst["min_area"], rw["ignore_below"])
+    return instances_from_scores(scores, inst_classes, inst["min_area"], rw["ignore_below"], background)
 
 
 @dataclass(frozen=True)
@@ -172,11 +183,12 @@ def make_instance_masks(task: InstanceTask) -> dict[str, np.ndarray]:
     from pipeline.refine.runner import task_inputs
 
     image, classes, cam_grid, cam_stride = task_inputs(task)
+    background = open_prepared(task.prepared_dir, task.data).background
     model = cached_affinity_model(task.model_path, task.device, task.rw)
     offsets = pair_offsets(model.radius)
     aff, disp = image_relations(model, image, offsets)
     return instance_masks(image, cam_grid, cam_stride, classes, task.rw, task.instances, aff, disp.cpu().numpy(),
-                          offsets, model.stride)
+                          offsets, model.stride, background)
 
 
 def instance_counts(store) -> dict:

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.labels import IGNORE_INDEX, grid_to_image, resize_maps, to_class_labels, with_background
+from pipeline.labels import IGNORE_INDEX, grid_to_image, label_scores, resize_maps, to_class_labels
 from pipeline.models.pairs import in_bounds, shifted
 from pipeline.refine.runner import required_cam_threshold
 
@@ -117,11 +117,12 @@ def affinity_grid_cams(cam_grid: np.ndarray, cam_stride: int, size: Sequence[int
 
 def pseudo_mask(image: np.ndarray, cam_grid: np.ndarray, cam_stride: int, classes: Sequence[int], rw: dict, crf: dict,
                 aff: np.ndarray | torch.Tensor | None = None, offsets: Offsets = (), aff_stride: int = 8,
-                background: np.ndarray | None = None) -> np.ndarray:
+                background: np.ndarray | None = None, has_background: bool = True) -> np.ndarray:
     """One image's pseudo mask (H, W) uint8.
 
     cam_grid (K, gh, gw) for ``classes``; background channel (1 - max)^rw.alpha, or ``background``
-    (H, W) at image resolution when given (the saliency cue). With ``aff``
+    (H, W) at image resolution when given (the saliency cue); no background channel at all when
+    the dataset has none (``has_background`` False: every pixel takes one of ``classes``). With ``aff``
     (P, ha, wa) on the affinity grid the scores are propagated first; with ``aff=None`` (rw
     disabled) the CAM scores are used as they are. Then upsample, argmax, 255 where the top
     score < rw.ignore_below, optional final dense CRF (crf params).
@@ -129,14 +130,14 @@ def pseudo_mask(image: np.ndarray, cam_grid: np.ndarray, cam_stride: int, classe
     size = image.shape[:2]
     if aff is None:
         if background is None:
-            scores = grid_to_image(with_background(cam_grid, rw["alpha"]), size, cam_stride)
+            scores = grid_to_image(label_scores(cam_grid, rw["alpha"], has_background), size, cam_stride)
         else:
             scores = np.concatenate([background[None].astype(np.float32), grid_to_image(cam_grid, size, cam_stride)])
     else:
         grid = tuple(aff.shape[-2:])
         cams = affinity_grid_cams(cam_grid, cam_stride, size, grid, aff_stride)
         if background is None:
-            start = with_background(cams, rw["alpha"])
+            start = label_scores(cams, rw["alpha"], has_background)
         else:
             start = np.concatenate([affinity_grid_cams(background[None], 1, size, grid, aff_stride), cams])
         walked = random_walk(start, aff, offsets, rw["beta"], rw["logt"])
@@ -150,7 +151,7 @@ def pseudo_mask(image: np.ndarray, cam_grid: np.ndarray, cam_stride: int, classe
         index = scores.argmax(0)
     if rw["ignore_below"] > 0:
         index = np.where(scores.max(0) < rw["ignore_below"], IGNORE_INDEX, index)
-    return to_class_labels(index, classes)
+    return to_class_labels(index, classes, has_background)
 
 
 def background_alpha(threshold: float) -> float:

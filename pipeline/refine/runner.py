@@ -59,10 +59,13 @@ def saliency_store_fingerprint(path: str | Path | None, param: str) -> str:
 
 
 def read_cams(cams_path: str | Path, image_id: str, classes: Sequence[int]) -> tuple[np.ndarray, int]:
-    """The CAMs of ``classes`` for one image: ((K, gh, gw) float32 in [0, 1], grid stride)."""
+    """The CAMs of ``classes`` for one image: ((K, gh, gw) float32 in [0, 1], grid stride). The store's
+    attrs say whether its classes start after a background (channel k-1 = class k) or not (channel k)."""
+    from pipeline.labels import class_channels
+
     store = open_store(cams_path)
     cam = store.read("cam", image_id)
-    idx = [c - 1 for c in classes]
+    idx = class_channels(classes, bool(store.attrs.get("background", True)))
     if idx and max(idx) >= cam.shape[0]:
         raise ValueError(f"{cams_path}: image {image_id!r} has class {max(classes)} but the store has {cam.shape[0]} channels")
     return np.clip(cam[idx].astype(np.float32), 0.0, 1.0), int(store.specs["cam"].stride)

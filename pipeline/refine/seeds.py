@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.labels import IGNORE_INDEX, grid_to_image, present_classes, to_class_labels, with_background
+from pipeline.labels import IGNORE_INDEX, grid_to_image, label_scores, present_classes, to_class_labels, with_background
 from pipeline.refine.runner import (ImageTask, open_prepared, open_store, read_cams, required_cam_threshold,
                                     saliency_store_fingerprint, write_scored_label_store)
 from pipeline.refine.crf import CrfSettings, crf_argmax, label_crf
@@ -79,9 +79,13 @@ class SeedMaker(ABC):
 
     Built once per process from the ``crf`` params namespace; called per image with
     ``image`` (H, W, 3) uint8, ``cams`` (K, H, W) float32 in [0, 1] at full resolution for the
-    image's K labelled classes, and ``classes`` (the K class indices, 1..C-1). Returns (H, W)
-    uint8 with 0 = background, class index, or 255 = unsure.
+    image's K labelled classes, and ``classes`` (the K class indices). Returns (H, W)
+    uint8 with 0 = background, class index, or 255 = unsure. ``background`` (set by the stage from
+    the prepared data) is False for a dataset without background: then class 0 is a class like the
+    others and a seed maker must not invent a background.
     """
+
+    background: bool = True
 
     def __init__(self, crf: dict):
         self.crf = crf
@@ -110,8 +114,38 @@ class IRNetSeeds(SeedMaker):
         return to_class_labels(merge_seeds(fg, bg, self.crf["merge"], background_wins=False), classes)
 
 
-def threshold_seeds(cams: np.ndarray, classes: Sequence[int], fg_threshold: float, bg_threshold: float) -> np.ndarray:
-    """No CRF: class where max CAM >= fg_threshold, background where < bg_threshold, else 255."""
+def margin_labels(image: np.ndarray, scores: np.ndarray, margin: float, settings: CrfSettings | None) -> np.ndarray:
+    """Index map into ``scores`` (L, H, W): the top channel where it beats the runner-up by at least
+    ``margin`` (and, with ``settings``, the dense CRF over these L channels agrees), 255 elsewhere.
+    One channel: every pixel is it (there is nothing else the pixel can be)."""
+    if len(scores) == 1:
+        return np.zeros(scores.shape[1:], np.int64)
+    top2 = np.partition(scores, len(scores) - 2, axis=0)[-2:]
+    winner = scores.argmax(0)
+    confident = top2[1] - top2[0] >= margin
+    if settings is not None:
+        confident &= crf_argmax(image, scores, settings) == winner
+    return np.where(confident, winner, IGNORE_INDEX)
+
+
+@REFINERS.register("margin")
+class MarginSeeds(SeedMaker):
+    """A seed where the image's top class beats its runner-up by ``crf.margin`` and the dense CRF over
+    the image's labels agrees; 255 elsewhere. Without background the channels are the image's labels
+    only (the seed rule for datasets where every pixel is a class); with background the channel
+    (1 - max CAM)^alpha_fg competes like a class."""
+
+    def __call__(self, image, cams, classes):
+        scores = label_scores(cams, self.crf["alpha_fg"], self.background)
+        return to_class_labels(margin_labels(image, scores, self.crf["margin"], self.settings), classes, self.background)
+
+
+def threshold_seeds(cams: np.ndarray, classes: Sequence[int], fg_threshold: float, bg_threshold: float,
+                    background: bool = True, margin: float = 0.0) -> np.ndarray:
+    """No CRF: class where max CAM >= fg_threshold, background where < bg_threshold, else 255.
+    Without background: the margin rule of :func:`margin_labels` without the CRF."""
+    if not background:
+        return to_class_labels(margin_labels(None, np.asarray(cams, np.float32), margin, None), classes, False)
     fg = threshold_labels(cams, fg_threshold)
     bg = threshold_labels(cams, bg_threshold)
     return to_class_labels(agreeing(fg, bg), classes)
@@ -156,15 +190,18 @@ class SeedTask(ImageTask):
 _MAKERS: dict[str, SeedMaker] = {}
 
 
-def seeds_for_image(image: np.ndarray, cam_grid: np.ndarray, stride: int, classes: Sequence[int], crf: dict) -> np.ndarray:
-    """One image: image (H, W, 3) uint8, cam_grid (K, gh, gw) for ``classes`` -> (H, W) uint8 seeds."""
+def seeds_for_image(image: np.ndarray, cam_grid: np.ndarray, stride: int, classes: Sequence[int], crf: dict,
+                    background: bool = True) -> np.ndarray:
+    """One image: image (H, W, 3) uint8, cam_grid (K, gh, gw) for ``classes`` -> (H, W) uint8 seeds.
+    ``background``: whether the dataset has a background class (the prepared data says)."""
     cams = grid_to_image(cam_grid, image.shape[:2], stride)
     if not crf["enabled"]:
-        return threshold_seeds(cams, classes, crf["fg_threshold"], crf["bg_threshold"])
-    key = repr(sorted(crf.items()))
+        return threshold_seeds(cams, classes, crf["fg_threshold"], crf["bg_threshold"], background, crf["margin"])
+    key = repr((sorted(crf.items()), background))
     if key not in _MAKERS:
         _MAKERS.clear()
         _MAKERS[key] = seed_maker(crf)
+        _MAKERS[key].background = background
     return _MAKERS[key](image, cams, classes)
 
 
@@ -174,7 +211,7 @@ def make_seed(task: SeedTask) -> np.ndarray:
     classes = present_classes(prepared.labels(task.image_id))
     cam_grid, stride = read_cams(task.cams_path, task.image_id, classes)
     image = prepared.image(task.image_id)
-    seed = seeds_for_image(image, cam_grid, stride, classes, task.crf)
+    seed = seeds_for_image(image, cam_grid, stride, classes, task.crf, prepared.background)
     if seed.shape != image.shape[:2]:
         raise ValueError(f"seed maker {task.crf['mode']!r} returned shape {seed.shape} for image {task.image_id!r} "
                          f"of size {image.shape[:2]}")
@@ -220,7 +257,8 @@ def make_seed_store(prepared_dir: str | Path, data: dict, cams_path: str | Path,
     metrics = write_scored_label_store(prepared, ids, out_path, "seed", attrs, make_seed, tasks, compute, "crf seeds")
     metrics.update({"enabled": bool(crf["enabled"]), "mode": crf["mode"] if crf["enabled"] else "threshold",
                     "background_cue": crf.get("background_cue", "cam"),
-                    "fg_threshold": crf["fg_threshold"], "bg_threshold": crf["bg_threshold"],
+                    **({"fg_threshold": crf["fg_threshold"], "bg_threshold": crf["bg_threshold"]} if prepared.background
+                       else {"background": False, "margin": crf["margin"]}),
                     "precision": metrics["pixel_accuracy"], "images": len(ids), "split": split})
     return metrics
 

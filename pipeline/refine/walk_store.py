@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+import logging
+
 from pipeline.labels import grid_to_image, with_background
 from pipeline.refine.random_walk import pseudo_mask, resolve_background
 from pipeline.refine.runner import (ImageTask, open_prepared, open_store, saliency_store_fingerprint,
@@ -15,6 +17,8 @@ from pipeline.refine.runner import (ImageTask, open_prepared, open_store, salien
 from pipeline.refine.walk_affinity import cached_affinity_model, image_affinities
 from pipeline.saliency.rules import saliency_for, walk_background
 from pipeline.saliency.store import read_saliency
+
+log = logging.getLogger("wsss")
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ def make_pseudo_mask(task: WalkTask) -> np.ndarray:
     from pipeline.refine.runner import task_inputs
 
     image, classes, cam_grid, cam_stride = task_inputs(task)
+    has_background = open_prepared(task.prepared_dir, task.data).background
     background = None
     if task.saliency is not None:
         sal = read_saliency(task.saliency_store, task.image_id)
@@ -44,12 +49,13 @@ def make_pseudo_mask(task: WalkTask) -> np.ndarray:
                               if task.rw["background_cue"] == "saliency_cam" else None)  # only that cue reads it
             background = walk_background(task.rw["background_cue"], sal, cam_background, task.saliency)
     if not task.rw["enabled"]:
-        return pseudo_mask(image, cam_grid, cam_stride, classes, task.rw, task.crf, background=background)
+        return pseudo_mask(image, cam_grid, cam_stride, classes, task.rw, task.crf, background=background,
+                           has_background=has_background)
     model = cached_affinity_model(task.model_path, task.device, task.rw)
     offsets = pair_offsets(model.radius)
     aff = image_affinities(model, image, offsets)
     return pseudo_mask(image, cam_grid, cam_stride, classes, task.rw, task.crf, aff=aff, offsets=offsets,
-                       aff_stride=model.stride, background=background)
+                       aff_stride=model.stride, background=background, has_background=has_background)
 
 
 def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Path, model_path: str | Path | None,
@@ -97,7 +103,12 @@ def make_pseudo_store(prepared_dir: str | Path, data: dict, cams_path: str | Pat
              "cams_fingerprint": cams.attrs.get("fingerprint"), "inputs": inputs}
     metrics = write_scored_label_store(prepared, ids, out_path, "mask", attrs, make_pseudo_mask, tasks, compute,
                                        "random walk")
-    metrics.update({"enabled": bool(rw["enabled"]), "beta": rw["beta"], "logt": rw["logt"], "alpha": rw["alpha"],
+    if not prepared.background:
+        log.info("random_walk: no background class: rw.alpha and rw.background are not used; each pixel takes "
+                 "the walked argmax of its image's labels")
+    metrics.update({"enabled": bool(rw["enabled"]), "beta": rw["beta"], "logt": rw["logt"],
+                    "alpha": rw["alpha"] if prepared.background else None,
+                    **({} if prepared.background else {"background": False}),
                     "background_cue": rw.get("background_cue", "cam"),
                     **model_meta, "images": len(ids), "split": split})
     return metrics

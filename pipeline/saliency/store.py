@@ -97,7 +97,7 @@ def make_saliency_store(prepared_dir: str | Path, data: dict, sal: dict, compute
                                  f"size {(h, w)}")
             out["saliency"].append(np.zeros((h, w), np.uint8) if m is None else to_uint8(m))
             out["valid"].append(np.full((1, 1), 0 if m is None else 1, np.uint8))
-            gt = prepared.gt(key)
+            gt = prepared.gt(key) if prepared.background else None  # no background: no foreground to score
             if m is not None and gt is not None:
                 score.update(m, gt)
         return out
@@ -107,7 +107,10 @@ def make_saliency_store(prepared_dir: str | Path, data: dict, sal: dict, compute
     seconds = time.perf_counter() - t0
     metrics = {"source": sal["source"], "images": len(ids), "split": data["train_split"],
                "seconds": round(seconds, 2), **score.summary()}
-    if computed[0] < len(ids):  # resumed shards were not scored in this run: score what the store holds
+    if not prepared.background:
+        metrics["note"] = ("no background class (data.background: false): the maps are not scored, and no stage "
+                           "uses them (crf.background_cue and rw.background_cue must be cam)")
+    elif computed[0] < len(ids):  # resumed shards were not scored in this run: score what the store holds
         metrics.update(score_store(out_path, prepared, sal["fg_threshold"]))
     metrics["seconds_per_image"] = round(seconds / max(len(ids), 1), 4)
     return metrics
