@@ -2,10 +2,13 @@
 array-equal, every metrics file identical except timings, every model's weights equal.
 
     python bench/compare_runs.py RUN_A RUN_B
+    python bench/compare_runs.py --digests RUN > digests.json     # one digest per array, metrics file, model
 
-Prints one line per file and exits 1 when anything differs."""
+Prints one line per file and exits 1 when anything differs. ``run_digests`` is what a test compares
+with digests recorded from an earlier revision (tests/fixtures/tiny_demo_digests.json)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -60,7 +63,47 @@ def compare_model(a: Path, b: Path) -> list[str]:
             if torch.is_tensor(state_a[k]) and not torch.equal(state_a[k], state_b[k])]
 
 
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def run_digests(run: str | Path) -> dict[str, str]:
+    """{what: digest} of a finished run: each store array (values and shape) and id list, each metrics
+    file without timings, each model's weights, and the exported masks' content (VOC PNG pixels,
+    COCO annotations and categories; manifests carry times and are left out)."""
+    import torch
+
+    run = Path(run)
+    out = {}
+    for store in sorted(p for p in run.glob("data/**/*.zarr") if p.is_dir() and not p.name.endswith(".partial")):
+        rel = store.relative_to(run).as_posix()
+        group = zarr.open_group(str(store), mode="r")
+        out[f"{rel} ids"] = _sha(json.dumps(group.attrs.get("ids")).encode())
+        for name, array in arrays(group):
+            values = np.ascontiguousarray(array[...])
+            out[f"{rel}/{name}"] = _sha(str((values.shape, values.dtype.str)).encode() + values.tobytes())
+    for f in sorted(run.glob("metrics/*.json")):
+        out[f.relative_to(run).as_posix()] = _sha(json.dumps(strip_timings(json.loads(f.read_text())), sort_keys=True).encode())
+    for f in sorted(run.glob("models/**/*.pt")):
+        ckpt = torch.load(f, weights_only=True, map_location="cpu")
+        state = ckpt.get("state_dict", ckpt)
+        blob = b"".join(k.encode() + state[k].numpy().tobytes() for k in sorted(state) if torch.is_tensor(state[k]))
+        out[f.relative_to(run).as_posix()] = _sha(blob)
+    for f in sorted(run.glob("exports/**/SegmentationClass/*.png")):
+        from PIL import Image
+
+        out[f.relative_to(run).as_posix()] = _sha(np.asarray(Image.open(f)).tobytes())
+    for f in sorted(run.glob("exports/**/annotations/*.json")):
+        doc = json.loads(f.read_text())
+        out[f.relative_to(run).as_posix()] = _sha(json.dumps([doc["annotations"], doc["categories"], doc["images"]],
+                                                             sort_keys=True).encode())
+    return out
+
+
 def main() -> None:
+    if sys.argv[1] == "--digests":
+        print(json.dumps(run_digests(sys.argv[2]), indent=1, sort_keys=True))
+        return
     a, b = (Path(p) for p in sys.argv[1:3])
     differ = 0
     stores = sorted(p.relative_to(a) for p in a.glob("data/**/*.zarr") if p.is_dir() and not p.name.endswith(".partial"))

@@ -12,8 +12,8 @@ def main() -> None:
     with stage_timer("saliency") as t:
         m = run_saliency(PREPARED, params, SALIENCY, device=device)["metrics"]
         t.n = m["images"]
-        t.extra = (f"source {m['source']}, foreground IoU {m['foreground_iou']}%, background IoU {m['background_iou']}% "
-                   f"(threshold {m['threshold']})")
+        t.extra = (f"source {m['source']}, " + (m["note"] if "note" in m else
+                   f"foreground IoU {m['foreground_iou']}%, background IoU {m['background_iou']}% (threshold {m['threshold']})"))
     write_json(METRICS["saliency"], m)
 
 

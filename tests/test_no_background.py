@@ -209,6 +209,7 @@ def test_stuff_graph_runs_and_no_stage_invents_a_background(stuff_run):
     work = stuff_run
     prepared = PreparedData(preset("tiny_stuff")["data"], work / "data/prepared")
     assert prepared.background is False and prepared.class_names[0] == "sky"
+    assert tuple(prepared.palette[0]) != (0, 0, 0)  # the first class is not drawn as a background would be
     assert Store(work / "data/cams.zarr").specs["cam"].channels == len(prepared.class_names)  # a CAM per class
     stores = {"seed": Store(work / "data/seeds.zarr"), "mask": Store(work / "data/pseudo.zarr")}
     instances = Store(work / "data/instances.zarr")
@@ -256,3 +257,29 @@ def test_stuff_exports_keep_class_zero_as_the_first_class(stuff_run):
         manifest = json.loads((out / fmt / "manifest.json").read_text())
         assert manifest["background"] is False, fmt
         assert "no background class" in (out / fmt / "README.md").read_text(), fmt
+
+
+# ------------------------------------------------------------------ with a background: nothing changed
+
+DIGESTS = Path(__file__).parent / "fixtures" / "tiny_demo_digests.json"
+
+
+def test_with_background_every_store_metric_model_and_export_is_what_it_was(tmp_path, monkeypatch):
+    """The tiny preset's whole graph (data.background true) against the digests recorded from commit
+    d24c51c, before data.background existed (`python bench/tiny_graph_digests.py <worktree of d24c51c>
+    WORK tests/fixtures/tiny_demo_digests.json`). A change that alters results on purpose records them
+    again with the same command on its own code, and says so in its commit."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from compare_runs import run_digests
+
+    params = preset("tiny")
+    assert params["data"]["background"] is True
+    (tmp_path / "params.yaml").write_text(render_params(params))
+    monkeypatch.chdir(tmp_path)
+    for name in STAGES:
+        importlib.import_module(f"stages.{name}").main()
+    want, got = json.loads(DIGESTS.read_text()), run_digests(tmp_path)
+    differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    assert not differ, f"{len(differ)} outputs differ from the recorded run: {differ[:12]}"

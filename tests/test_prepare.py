@@ -44,7 +44,7 @@ def test_summary_counts_images_and_classes(prepared_demo):
 def test_index_json_has_every_field(prepared_demo):
     out, _ = prepared_demo
     index = json.loads((out / "index.json").read_text())
-    assert set(index) == {"dataset", "root", "class_names", "palette", "splits", "items", "num_skipped", "source_digest"}
+    assert set(index) == {"dataset", "root", "class_names", "palette", "splits", "items", "num_skipped", "source_digest", "background"}
     assert index["dataset"] == "demo" and index["num_skipped"] == 0
     assert Path(index["root"]) == out / "demo" and (out / "demo").is_dir()  # not the .partial it was built in
     assert index["class_names"] == DEMO_CLASSES

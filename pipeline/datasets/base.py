@@ -108,7 +108,10 @@ class Dataset(ABC):
 
     @property
     def palette(self) -> np.ndarray:
-        return voc_palette(256)[: self.num_classes]
+        """A colour per class: VOC's, with black for the background; without a background every class
+        takes a colour (class k gets VOC's colour k + 1, so no class is drawn black)."""
+        first = 0 if self.background else 1
+        return voc_palette(256)[first: first + self.num_classes]
 
     def load_image(self, image_id: str) -> np.ndarray:
         return read_rgb(self.image_path(image_id))
