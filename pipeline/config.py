@@ -191,6 +191,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "eval_scales": P(list, [1.0], item=float),
         "eval_flip": P(bool, False),
         "eval_crf": P(bool, False),
+        "upper_bound": P(bool, False, help="also train this segmenter on GT (upper_bound stage): the fully-supervised bound of this run"),
+        "upper_bound_from": P(str, "", help="with upper_bound false: another run's metrics/segmenter_gt.json to show (marked as from another run)"),
     },
     "saliency": {
         "source": P(str, "spectral", choices=("u2netp", "spectral", "folder"),

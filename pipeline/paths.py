@@ -25,6 +25,7 @@ PREDICTIONS = Path("data/predictions.zarr")
 CAM_MODEL = Path("models/cam")
 AFF_MODEL = Path("models/affinity")
 SEG_MODEL = Path("models/seg")
+UPPER_BOUND_MODEL = Path("models/seg_gt")  # the upper_bound stage: GT-trained segmenter and its predictions
 
 # what a person reads
 METRICS_DIR = Path("metrics")
@@ -38,7 +39,7 @@ METRICS = {  # key -> the metrics file a stage writes (the keys wsss quality and
     "instances": METRICS_DIR / "instances.json",  # instances
     "segmenter": METRICS_DIR / "segmenter.json",  # evaluate
     "labels": METRICS_DIR / "labels.json",  # evaluate: cam + crf + rw merged
-    "upper_bound": METRICS_DIR / "segmenter_gt.json",  # evaluate, when the segmenter was trained on GT
+    "upper_bound": METRICS_DIR / "segmenter_gt.json",  # upper_bound: the GT-trained segmenter (seg.upper_bound)
 }
 PLOTS = Path("plots")  # plots/<stage>/...
 REPORTS = Path("reports")

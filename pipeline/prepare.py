@@ -90,7 +90,8 @@ def contact_sheet(prepared, split: str, n: int = 16) -> np.ndarray:
     for i in ids:
         img = prepared.image(i)
         gt = prepared.gt(i)
-        cells += [img, overlay(img, gt, prepared.palette, alpha=0.75) if gt is not None else img]
+        cells += [img, overlay(img, gt, prepared.palette, alpha=0.75, background=prepared.background)
+                  if gt is not None else img]
     rows = [cells[k:k + 8] for k in range(0, len(cells), 8)]
     return grid(rows, titles=["image", "GT"] * 4, cell=112)
 

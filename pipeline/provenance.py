@@ -16,9 +16,11 @@ makes ``dvc repro`` re-run ``prepare`` and what follows.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import os
+import subprocess
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -206,3 +208,36 @@ def state_digest(model) -> str:
         h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def git_revision_status(repo_dir: str | Path = ".") -> tuple[dict | None, str | None]:
+    """``({"commit": sha, "dirty": bool}, None)`` of the git work tree at ``repo_dir``, or
+    ``(None, why)`` when there is none (not a git repository, no commit yet, git missing)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=repo_dir, capture_output=True, text=True,
+                             timeout=10)
+    except OSError as e:
+        return None, f"git could not run in {repo_dir}: {e.strerror or e}"
+    except subprocess.TimeoutExpired:
+        return None, f"git rev-parse HEAD timed out in {repo_dir}"
+    if sha.returncode != 0:
+        err = sha.stderr.strip().splitlines()
+        if any("not a git repository" in line for line in err):
+            return None, f"{repo_dir} is not a git repository"
+        return None, f"git rev-parse HEAD failed in {repo_dir} (no commit yet?): {err[0] if err else sha.returncode}"
+    revision = {"commit": sha.stdout.strip(), "dirty": None}
+    try:
+        st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir,
+                            capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        revision["dirty_unavailable"] = f"git status failed: {e}"
+        return revision, None
+    if st.returncode == 0:
+        revision["dirty"] = bool(st.stdout.strip())
+    else:
+        revision["dirty_unavailable"] = f"git status failed: {st.stderr.strip().splitlines()[:1] or st.returncode}"
+    return revision, None
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")

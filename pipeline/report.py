@@ -2,7 +2,10 @@
 
 It shows the per-stage table (CAM -> CRF seeds -> random walk on the train split, segmenter on
 the eval split, and the fully-supervised upper bound when one was measured), per-class IoU
-bars, and galleries with every stage side by side. Nothing in it needs our code to read.
+bars, and galleries with every stage side by side, and links the worst-first page
+(:mod:`pipeline.worst_first`). An upper bound is shown as this run's only when its provenance (code
+and params digests) equals this run's; otherwise its row and note say "from another run", in red.
+Nothing in it needs our code to read.
 """
 from __future__ import annotations
 
@@ -53,9 +56,11 @@ def stage_rows(labels: dict, segmenter: dict | None, upper_bound: dict | None, t
             rows.append({"stage": key, "label": label, "split": m.get("split", train_split), "miou": m.get("miou"),
                          "coverage": m.get("coverage"), "pixel_accuracy": m.get("pixel_accuracy")})
     for key, label, m in (("segmenter", "segmenter", segmenter), ("upper_bound", "segmenter on GT (upper bound)", upper_bound)):
-        if m:
-            rows.append({"stage": key, "label": label, "split": m.get("split", eval_split), "miou": m.get("miou"),
-                         "coverage": m.get("coverage"), "pixel_accuracy": m.get("pixel_accuracy")})
+        if m and m.get("measured", True) is not False:
+            foreign = key == "upper_bound" and m.get("foreign", False)
+            rows.append({"stage": key, "label": label + (" — from another run" if foreign else ""),
+                         "split": m.get("split", eval_split), "miou": m.get("miou"), "coverage": m.get("coverage"),
+                         "pixel_accuracy": m.get("pixel_accuracy"), "foreign": foreign})
     return rows
 
 
@@ -136,21 +141,25 @@ def _fmt(v) -> str:
 
 
 def write_report(out_dir: str | Path, *, title: str, rows: Sequence[dict], class_names: Sequence[str],
-                 per_class: dict[str, dict], figures: Sequence[tuple[str, str | Path | None, str]], notes: Sequence[str],
+                 per_class: dict[str, dict], figures: Sequence[tuple[str, str | Path | None, str]], notes: Sequence[str | tuple[str, str]],
                  details: dict | None = None) -> Path:
     """Write ``out_dir/index.html``. figures: (heading, PNG path inside out_dir or None, caption)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     e = html.escape
     stage_table = "".join(
-        f"<tr><td>{e(r['label'])}</td><td>{e(str(r['split']))}</td><td class=n>{_fmt(r['miou'])}</td>"
+        f"<tr{' class=foreign' if r.get('foreign') else ''} data-stage=\"{e(r['stage'])}\"><td>{e(r['label'])}</td>"
+        f"<td>{e(str(r['split']))}</td><td class=n>{_fmt(r['miou'])}</td>"
         f"<td class=n>{_fmt(r['coverage'])}</td><td class=n>{_fmt(r['pixel_accuracy'])}</td></tr>" for r in rows)
     head = "".join(f"<th>{e(s)}</th>" for s in per_class)
     pc_rows = "".join(f"<tr><td>{e(c)}</td>" + "".join(f"<td class=n>{_fmt(per_class[s].get(c))}</td>" for s in per_class)
                       + "</tr>" for c in class_names)
     figs = "".join(
         f"<h2>{e(h)}</h2><p>{e(cap)}</p><img src=\"{e(Path(p).name)}\" alt=\"{e(h)}\">" for h, p, cap in figures if p)
-    note_html = "".join(f"<li>{e(n)}</li>" for n in notes)
+    note_html = "".join(f"<li class=foreign>{e(n[1])}</li>" if isinstance(n, tuple) else f"<li>{e(n)}</li>"
+                        for n in notes)  # a ("foreign", text) note is drawn red
+    worst = ('<p><a id="worst-link" href="worst.html">Worst images first →</a> every image with ground truth, '
+             'its IoU at each stage, sortable and filterable by class.</p>' if (out_dir / "worst.html").is_file() else "")
     details_html = (f"<h2>Details</h2><pre>{e(json.dumps(json_safe(details), indent=1))}</pre>" if details else "")
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     doc = f"""<!doctype html>
@@ -160,8 +169,10 @@ body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 9px}}
 th{{background:#f3f3f3}}td.n{{text-align:right;font-variant-numeric:tabular-nums}}
 img{{max-width:100%;border:1px solid #ddd}}pre{{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}}
+.foreign{{color:#c00000;font-weight:600}}
 </style></head><body>
 <h1>{e(title)}</h1><p>Generated {created}. All numbers are percentages; 255 (unsure) pixels are left out of every IoU.</p>
+{worst}
 <h2>Stages</h2>
 <table><tr><th>stage</th><th>split</th><th>mIoU</th><th>coverage</th><th>pixel accuracy</th></tr>{stage_table}</table>
 <ul>{note_html}</ul>
@@ -176,23 +187,79 @@ img{{max-width:100%;border:1px solid #ddd}}pre{{background:#f7f7f7;padding:1em;o
     return path
 
 
+def write_worst_first(prepared, data: dict, labels: dict, stores: dict, out_dir: Path,
+                      cam_picture: Callable[[str], np.ndarray | None], palette: np.ndarray) -> Path:
+    """The worst-first page of the run (:mod:`pipeline.worst_first`): each image's mask per stage from
+    the opened ``stores`` ({"cam", "crf", "rw", "segmenter"}: Store or None), the CAM's at the
+    sweep's best threshold (argmax over the labels without a background)."""
+    from pipeline.cam.evaluate import pseudo_label
+    from pipeline.labels import grid_to_image
+    from pipeline.visual import colourise
+    from pipeline.worst_first import worst_first_rows, write_worst_page
+
+    cam_metrics = labels.get("cam") or {}
+    threshold = cam_metrics.get("best_threshold")
+
+    def read(key, array):
+        s = stores.get(key)
+        return lambda i: s.read(array, i) if s is not None and array in s.specs and i in s else None
+
+    def cam_mask(i):
+        s = stores.get("cam")
+        if s is None or i not in s or (threshold is None and prepared.background):
+            return None
+        full = grid_to_image(s.read("cam", i).astype(np.float32), prepared.size(i), int(s.attrs["stride"]))
+        return pseudo_label(full, threshold, prepared.labels(i), background=prepared.background)
+
+    def coloured(fn):
+        return lambda i: (lambda m: None if m is None else colourise(m, palette))(fn(i))
+
+    masks = {"cam": cam_mask, "crf": read("crf", "seed"), "rw": read("rw", "mask"), "segmenter": read("segmenter", "mask")}
+    gt = coloured(prepared.gt)
+    columns = {"train": [prepared.image, cam_picture, coloured(masks["crf"]), coloured(masks["rw"]), gt],
+               "eval": [prepared.image, coloured(masks["segmenter"]), gt]}
+    titles = {"train": ["image", "CAM", "seeds", "pseudo mask", "GT"], "eval": ["image", "segmenter", "GT"]}
+    rows = worst_first_rows(prepared, prepared.ids(data["train_split"]), prepared.ids(data["eval_split"]), masks,
+                            columns, out_dir)
+    return write_worst_page(out_dir, rows, prepared.class_names, titles,
+                            f"WSSS run: {prepared.index.get('dataset')}")
+
+
 def build_run_report(prepared, params: dict, seg_result: dict, labels: dict, upper: dict | None,
                      stores: dict[str, str | Path], out_dir: str | Path, device) -> list[dict]:
     """The evaluate stage's report: ``out_dir/index.html`` with the per-stage table, per-class bars and
     the galleries (train images through every stage; eval images: segmenter vs GT).
 
     ``seg_result``: :func:`pipeline.segment.run_evaluate`'s result; ``labels``: the merged label
-    metrics (:func:`merge_label_metrics`); ``upper``: the GT-trained segmenter's metrics or None;
-    ``stores``: {"cam", "crf", "rw"} store paths (a missing store leaves its column out).
-    Returns the per-stage rows (for the stages plot)."""
+    metrics (:func:`merge_label_metrics`); ``upper``: the upper_bound stage's metrics or None (shown
+    as this run's only when :func:`pipeline.upper_bound.provenance_matches`); ``stores``: {"cam",
+    "crf", "rw", "segmenter"} store paths (a missing store leaves its column out). Also writes the
+    worst-first page (:mod:`pipeline.worst_first`). Returns the per-stage rows (for the stages plot)."""
     from pipeline.segment import predict_mask
     from pipeline.store import Store, StoreError
     from pipeline.visual import colourise, heatmap
+
+    from pipeline.upper_bound import provenance_matches
 
     seg, data = params["seg"], params["data"]
     model, ckpt, metrics = seg_result["model"], seg_result["checkpoint"], seg_result["metrics"]
     on_gt = ckpt["labels"] == "gt"
     seg_row = None if on_gt else metrics
+    upper_note: str | tuple[str, str]
+    if on_gt:
+        upper, upper_note = metrics, "Upper bound: this run trained its segmenter on GT, so its segmenter is the upper bound."
+    elif not upper or upper.get("measured", True) is False or upper.get("miou") is None:
+        upper = None
+        upper_note = "Upper bound: not measured in this run; set seg.upper_bound: true to train the same segmenter on GT."
+    else:
+        same, why = provenance_matches(upper, params)
+        prov = upper.get("provenance") or {}
+        upper = {**upper, "foreign": not same}
+        upper_note = ("Upper bound: measured by this run (stage upper_bound: same code and params, "
+                      f"{prov.get('created')})." if same else
+                      ("foreign", f"Upper bound FROM ANOTHER RUN, not this one: {'; '.join(why)}. It was measured "
+                       f"{prov.get('created', 'at an unknown date')} with code revision "
+                       f"{str(prov.get('code_revision'))[:12]}, params digest {prov.get('params_digest')}."))
 
     def open_or_none(path):
         try:
@@ -242,14 +309,13 @@ def build_run_report(prepared, params: dict, seg_result: dict, labels: dict, upp
     notes = [f"Segmenter trained on {ckpt['labels']} masks ({ckpt['seg'].get('epochs')} epochs, backbone "
              f"{ckpt['arch']['backbone']}); evaluated with scales {seg['eval_scales']}, flip {seg['eval_flip']}, "
              f"CRF {seg['eval_crf']}.",
-             "Upper bound: " + ("this run trained on GT, so its segmenter is the upper bound." if on_gt else
-                                "read from an earlier run with seg.labels=gt." if upper else
-                                "unknown; run `dvc exp run -S seg.labels=gt` once to measure it."),
+             upper_note,
              "Coverage = share of GT-labelled pixels the stage labels (CRF seeds leave unsure pixels at 255; mIoU is "
              "over the labelled ones)."]
     no_gt = ground_truth_note({**{key: labels.get(key) for key, _, _ in LABEL_STAGES}, "segmenter": metrics})
     if no_gt:
         notes.insert(0, no_gt)
+    write_worst_first(prepared, data, labels, opened, out_dir, col_cam, pal)
     write_report(out_dir, title=f"WSSS run report: {prepared.index.get('dataset')}", rows=rows,
                  class_names=prepared.class_names, per_class=pc_table, figures=figures, notes=notes,
                  details={"segmenter": {k: v for k, v in metrics.items() if not k.startswith("per_class_p")

@@ -17,10 +17,13 @@ def colourise(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return pal[mask]
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float = 0.55,
+            background: bool = True) -> np.ndarray:
+    """The mask's colours blended over the image where it names a class (0 is left clear as the
+    background, unless ``background`` is False: then every class but 255 is drawn)."""
     col = colourise(mask, palette).astype(np.float32)
     out = image.astype(np.float32)
-    blend = (mask > 0)[..., None]
+    blend = ((mask > 0) if background else (mask != 255))[..., None]
     out = np.where(blend, (1 - alpha) * out + alpha * col, out)
     return out.round().astype(np.uint8)
 

@@ -8,42 +8,13 @@ revision or input hash that cannot be had is None with the reason beside it
 """
 from __future__ import annotations
 
-import datetime as _dt
-import subprocess
 from pathlib import Path
 
 import yaml
 
+from pipeline.provenance import git_revision_status
+
 MANIFEST_VERSION = 1
-
-
-def git_revision_status(repo_dir: str | Path = ".") -> tuple[dict | None, str | None]:
-    """``({"commit": sha, "dirty": bool}, None)`` of the git work tree at ``repo_dir``, or
-    ``(None, why)`` when there is none (not a git repository, no commit yet, git missing)."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=repo_dir, capture_output=True, text=True,
-                             timeout=10)
-    except OSError as e:
-        return None, f"git could not run in {repo_dir}: {e.strerror or e}"
-    except subprocess.TimeoutExpired:
-        return None, f"git rev-parse HEAD timed out in {repo_dir}"
-    if sha.returncode != 0:
-        err = sha.stderr.strip().splitlines()
-        if any("not a git repository" in line for line in err):
-            return None, f"{repo_dir} is not a git repository"
-        return None, f"git rev-parse HEAD failed in {repo_dir} (no commit yet?): {err[0] if err else sha.returncode}"
-    revision = {"commit": sha.stdout.strip(), "dirty": None}
-    try:
-        st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir,
-                            capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as e:
-        revision["dirty_unavailable"] = f"git status failed: {e}"
-        return revision, None
-    if st.returncode == 0:
-        revision["dirty"] = bool(st.stdout.strip())
-    else:
-        revision["dirty_unavailable"] = f"git status failed: {st.stderr.strip().splitlines()[:1] or st.returncode}"
-    return revision, None
 
 
 def git_revision(repo_dir: str | Path = ".") -> dict | None:
@@ -88,10 +59,6 @@ def dvc_lock_hashes(lock_path: str | Path, paths: list[str | Path]) -> dict:
     lists as an output (or a missing lock file) map to None (:func:`dvc_lock_hashes_status` says why).
     """
     return dvc_lock_hashes_status(lock_path, paths)[0]
-
-
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def build_manifest(*, fmt: str, files: dict, dataset: dict, split: str, ids_count: int, class_names: list[str],

@@ -16,7 +16,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from pipeline.export.formats import FORMATS, READERS, WRITERS, ExportError, ExportJob, safe_member
-from pipeline.export.manifest import build_manifest, datasheet, dvc_lock_hashes_status, git_revision_status, utc_now
+from pipeline.export.manifest import build_manifest, datasheet, dvc_lock_hashes_status
+from pipeline.provenance import git_revision_status, utc_now
 from pipeline.export.target import _check_target, _hidden_name, _os_reason, _publish, clean_killed_exports
 from pipeline.labels import IGNORE_INDEX
 from pipeline.metrics import ConfusionMatrix
