@@ -87,14 +87,19 @@ def run_upper_bound(prepared, params: dict, classifier: str | Path | None, out: 
     saying why (no model that could pass for one)."""
     from pipeline.segment import run_evaluate, run_train_seg
 
+    import shutil
+
     seg, out_dir = params["seg"], Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if not seg["upper_bound"]:
+        shutil.rmtree(out_dir, ignore_errors=True)  # no model of an earlier run may pass for this run's
+        out_dir.mkdir(parents=True)
         reason = ("seg.upper_bound is false: no GT-trained segmenter in this run"
                   + (f"; the bound shown is copied from {seg['upper_bound_from']}" if seg["upper_bound_from"] else
                      "; set seg.upper_bound: true to measure it"))
         (out_dir / "NOT_TRAINED.txt").write_text(reason + "\n")
         return copy_foreign_bound(seg["upper_bound_from"]) if seg["upper_bound_from"] else not_measured(reason)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "NOT_TRAINED.txt").unlink(missing_ok=True)
     gt_params = {**params, "seg": {**seg, "labels": "gt"}}
     checkpoint = out_dir / "segmenter.pt"
     trained = run_train_seg(prepared, gt_params, None, classifier, checkpoint,
