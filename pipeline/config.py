@@ -220,6 +220,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "seed": _int(0, 0),
         "shard_images": _int(32, 1, 4096, help="images per zarr shard (and per write batch)"),
         "torch_threads": _int(0, 0, help="torch threads on CPU in every torch stage (0 = one per core left after the data loader workers)"),
+        "procs_per_node": _int(1, 1, 64, help="training stages: processes per node (one per GPU); > 1 (or nodes > 1) runs them under torch.distributed.run"),
+        "nodes": _int(1, 1, 4096, help="training stages: nodes that each start the stage (one SLURM task per node, say)"),
+        "rdzv_endpoint": P(str, "", help="training on several nodes: host:port of the rendezvous every node reaches"),
     },
 }
 

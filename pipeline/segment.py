@@ -81,7 +81,13 @@ class SegTrainSet(torch.utils.data.Dataset):
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over labelled pixels (255 skipped); 0 (with a gradient path) when none is labelled."""
+    """Cross-entropy over labelled pixels (255 skipped); 0 (with a gradient path) when none is labelled.
+    Under distributed training the mean is over the labelled pixels of every rank (the global batch's)."""
+    from pipeline.distributed import global_count, world_size
+
+    if world_size() > 1:
+        count = global_count((target != IGNORE_INDEX).sum())
+        return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum") / count.clamp(min=1)
     if not bool((target != IGNORE_INDEX).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
@@ -105,10 +111,12 @@ def train_segmenter(model: torch.nn.Module, train_set: SegTrainSet, seg: dict, d
     if resume_path:
         resume = ResumePoint(resume_path, fingerprint(dict(seg), seed, train_set.ids), "train_seg", generator=gen,
                              inputs={**(inputs or {}), "initial_weights": state_digest(model)})
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=seg["batch_size"], shuffle=True, generator=gen, num_workers=seg["num_workers"],
-        drop_last=len(train_set) > seg["batch_size"], pin_memory=device.type == "cuda",
-        persistent_workers=False)
+    from pipeline.distributed import check_global_batch, rank_loader, world_size
+
+    check_global_batch(seg["batch_size"], len(train_set), world_size(), "seg.batch_size")
+    loader = rank_loader(train_set, torch.utils.data.RandomSampler(train_set, generator=gen), seg["batch_size"],
+                         len(train_set) > seg["batch_size"], num_workers=seg["num_workers"], generator=gen,
+                         pin_memory=device.type == "cuda", persistent_workers=False)
 
     def step(batch: dict) -> torch.Tensor:
         x = images_to(batch["image"], device)

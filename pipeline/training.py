@@ -133,10 +133,15 @@ def train_loop(model: torch.nn.Module, loader, step_fn: Callable[[dict], torch.T
     is restored first (the poly schedule continues where it stopped) and one is written after every
     epoch, before ``on_epoch_end(epoch, loss)``.
     """
+    from pipeline.distributed import average_gradients, broadcast_model, maybe_fail, reduce_sum, sync_batchnorm
+
+    sync_batchnorm(model, device)  # under distributed training on CUDA (in place: the step functions hold the model)
     history, start_epoch = resume.restore(model, optimizer) if resume else ([], 0)
+    broadcast_model(model)  # every rank from rank 0's weights
     total = epochs * max(1, len(loader))
     step = start_epoch * max(1, len(loader))
     for epoch in range(start_epoch, epochs):
+        maybe_fail(epoch)
         if on_epoch_start:
             on_epoch_start(epoch)
         model.train()
@@ -150,6 +155,7 @@ def train_loop(model: torch.nn.Module, loader, step_fn: Callable[[dict], torch.T
                     raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower the lr")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                average_gradients(model)  # distributed training: the mean over ranks (no-op on one process)
                 optimizer.step()
                 n = len(next(iter(batch.values()))) if isinstance(batch, dict) else len(batch[0])
                 seen += n
@@ -158,6 +164,7 @@ def train_loop(model: torch.nn.Module, loader, step_fn: Callable[[dict], torch.T
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         dt = time.perf_counter() - t0
+        loss_sum, seen = reduce_sum([loss_sum, seen])  # over every rank (unchanged on one process)
         rec = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "images_per_s": seen / dt if dt else 0.0}
         history.append(rec)
         log.info("%s epoch %d/%d: loss %.4f, %.1f img/s", desc, epoch + 1, epochs, rec["loss"], rec["images_per_s"])

@@ -14,7 +14,7 @@ from pipeline.workspace_lock import hold_workspace_lock
 __all__ = ["AFF_MODEL", "CAM_METRICS", "CAM_MODEL", "CAMS", "DATASET_DIGEST", "DIGEST_CACHE", "EXPORTS", "INSTANCES",
            "LABEL_METRICS", "METRICS", "PLOTS", "PREDICTIONS", "PREPARED", "PSEUDO", "REPORTS", "SALIENCY",
            "SALIENCY_CACHE", "SALIENCY_DIGEST", "SEEDS", "SEG_METRICS", "SEG_MODEL", "cam_best_threshold", "resume_file",
-           "start", "torch_device"]
+           "start", "start_training", "torch_device"]
 
 
 def resume_file(model_dir: Path) -> Path:
@@ -32,12 +32,31 @@ def cam_best_threshold() -> float | None:
 
 
 def start(stage: str, params_file: str = "params.yaml") -> dict:
-    """Take the workspace lock (one stage at a time, :mod:`pipeline.workspace_lock`), set up logging
-    and return the validated params."""
-    hold_workspace_lock(stage)
+    """Take the workspace lock (one stage at a time, :mod:`pipeline.workspace_lock`; a distributed
+    training worker runs under its launcher's), set up logging and return the validated params."""
+    from pipeline.distributed import is_worker
+
+    if not is_worker():
+        hold_workspace_lock(stage)
     setup_logging()
     logging.getLogger("wsss").info("stage %s: starting", stage)
     return load_params(params_file)
+
+
+def start_training(stage: str, namespace: str) -> tuple[dict, object] | None:
+    """A training stage's start: :func:`start`, then either launch the stage's workers under
+    torch.distributed.run and return None once they finished (``compute.procs_per_node`` x
+    ``compute.nodes`` > 1, :mod:`pipeline.distributed`), or return (params, device) for this process
+    to train: one process, or a worker that has joined the process group. ``namespace``: the params
+    namespace whose ``num_workers`` data loader workers the stage runs."""
+    from pipeline.distributed import init_worker, launch, worker_device
+
+    params = start(stage)
+    if launch(stage, params["compute"]):
+        return None
+    device = worker_device(torch_device(params, params[namespace]["num_workers"], seed=True))
+    init_worker(device)
+    return params, device
 
 
 def torch_device(params: dict, loader_workers: int = 0, seed: bool = False):

@@ -86,10 +86,12 @@ def train_classifier(dataset: ClassificationSet, cam_params: dict, num_classes: 
     if resume_path:
         resume = ResumePoint(resume_path, fingerprint({k: p[k] for k in TRAIN_KEYS}, seed, list(dataset.ids), num_classes),
                              "train_cam", inputs={"initial_weights": state_digest(model), **(inputs or {})})
+    from pipeline.distributed import check_global_batch, rank_loader, world_size
+
+    check_global_batch(p["batch_size"], len(dataset), world_size(), "cam.batch_size")
     sampler = EpochSampler(len(dataset), seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=p["batch_size"], sampler=sampler, drop_last=len(dataset) > p["batch_size"],
-                                         num_workers=num_workers, persistent_workers=num_workers > 0,
-                                         pin_memory=device.type == "cuda")
+    loader = rank_loader(dataset, sampler, p["batch_size"], len(dataset) > p["batch_size"], num_workers=num_workers,
+                         persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise ValueError(f"param cam.batch_size: {p['batch_size']} leaves no batch for {len(dataset)} images")
 

@@ -225,7 +225,10 @@ def displacement_loss(disp: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Te
     diff = disp.unsqueeze(1) - partner
     fg = (diff - target).abs().sum(2)
     bg = diff.abs().sum(2)
-    return ((fg * fg_pos).sum() / fg_pos.sum().clamp(min=1)) + ((bg * bg_pos).sum() / bg_pos.sum().clamp(min=1))
+    from pipeline.distributed import global_count
+
+    return ((fg * fg_pos).sum() / global_count(fg_pos.sum()).clamp(min=1)
+            + (bg * bg_pos).sum() / global_count(bg_pos.sum()).clamp(min=1))
 
 
 def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor,
@@ -239,9 +242,11 @@ def pair_terms(pos_term: torch.Tensor, neg_term: torch.Tensor, bg_pos: torch.Ten
                neg: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """PSA's weighting of per-pair loss terms: mean ``pos_term`` over bg positives and fg positives
     (1/4 each), mean ``neg_term`` over negatives (1/2); a term with no pairs contributes 0."""
+    from pipeline.distributed import global_count
+
     def mean_over(values, mask):
         n = mask.sum()
-        return (values * mask).sum() / n.clamp(min=1), int(n)
+        return (values * mask).sum() / global_count(n).clamp(min=1), int(n)
 
     bg, nbg = mean_over(pos_term, bg_pos)
     fg, nfg = mean_over(pos_term, fg_pos)

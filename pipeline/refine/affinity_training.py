@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, RandomSampler
 
 from pipeline.augment import normalise, random_scale_crop_flip
 from pipeline.models.affinity import AffinityNet, displacement_loss
 from pipeline.models.pairs import pair_labels, pair_offsets, seed_to_grid
+from pipeline.distributed import check_global_batch, rank_loader, world_size
 from pipeline.store import Store
 
 log = logging.getLogger("wsss")
@@ -83,8 +84,9 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
     offsets = pair_offsets(aff["radius"])
     data = SeedCrops(prepared, seeds, ids, aff["crop_size"], model.stride, aff["scale_min"], aff["scale_max"], seed)
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(data, batch_size=aff["batch_size"], shuffle=True, drop_last=len(data) > aff["batch_size"],
-                        num_workers=aff["num_workers"], generator=gen, persistent_workers=False)
+    check_global_batch(aff["batch_size"], len(data), world_size(), "affinity.batch_size")
+    loader = rank_loader(data, RandomSampler(data, generator=gen), aff["batch_size"], len(data) > aff["batch_size"],
+                         num_workers=aff["num_workers"], generator=gen, persistent_workers=False)
     model = to_device(model, device)
     opt = torch.optim.SGD(affinity_param_groups(model, aff), lr=aff["lr"], momentum=0.9)
     resume = None
