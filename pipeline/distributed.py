@@ -16,9 +16,9 @@ What keeps a run's hyper-parameters meaning the same at any scale:
   a step function may call any method of the model, which DDP's forward-only hook would not see);
   losses that average over pixels or pixel pairs use the global count (:func:`global_count`), so
   the averaged gradient is the one-process gradient;
-- BatchNorm layers that train become SyncBatchNorm on CUDA (:func:`sync_batchnorm`); on CPU torch
-  has no SyncBatchNorm, so their statistics are per rank there (the only difference from one process
-  when BatchNorm trains);
+- BatchNorm normalises over the global batch (:func:`sync_batchnorm`): torch's SyncBatchNorm on
+  CUDA; on CPU, where torch has none, a BatchNorm whose statistics are summed over ranks with a
+  differentiable all-reduce;
 - rank 0 alone writes checkpoints, resume files, metrics, plots and logs (:func:`is_main`;
   :func:`pipeline.checkpoint.save_checkpoint` is a no-op elsewhere). A rank that fails fails the
   stage: the launcher stops the others and :func:`launch` raises with that rank's error; the final
@@ -108,26 +108,39 @@ def launch(stage: str, compute: dict, project_root: str | Path | None = None) ->
            "PYTHONPATH": os.pathsep.join([str(Path.cwd()), str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     log.info("%s: starting %d processes on this node (%s x %s in all) with torch.distributed.run", stage,
              compute["procs_per_node"], compute["procs_per_node"], compute["nodes"])
-    try:
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args, "-m", f"stages.{stage}"], env=env)
-        if done.returncode != 0:
-            raise DistributedError(f"{stage}: distributed training failed (exit {done.returncode}): {failed_rank(logs)}")
-    finally:
-        shutil.rmtree(logs, ignore_errors=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args, "-m", f"stages.{stage}"], env=env)
+    if done.returncode != 0:  # the ranks' logs stay for reading
+        raise DistributedError(f"{stage}: distributed training failed (exit {done.returncode}): {failed_rank(logs)}")
+    shutil.rmtree(logs, ignore_errors=True)
     return True
 
 
+# what a rank reports when another rank died first (not the cause)
+_CONSEQUENCE = re.compile(r"Connection closed by peer|Connection reset by peer|remote worker crash|peer process|"
+                          r"NCCL communicator was aborted|Broken pipe")
+
+
 def failed_rank(log_dir: Path) -> str:
-    """The first rank whose stderr (torch.distributed.run --log-dir) ends in a traceback: 'rank N: <error>',
-    or what the launcher knows when no rank left one (e.g. a rank killed by a signal)."""
+    """The rank whose error caused the failure: 'rank N: <error>' from the ranks' stderr
+    (torch.distributed.run --log-dir), preferring a rank's own error over the connection errors the
+    others see once it has gone; or what is known when no rank left a Python error (e.g. a rank
+    killed by a signal)."""
+    errors = []
     for path in sorted(log_dir.rglob("stderr.log")):
         text = path.read_text(errors="replace")
-        if "Traceback" in text:
-            lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-            error = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", ln.split(":")[0])),
-                         lines[-1])
-            return f"rank {path.parent.name}: {error.strip()} (log {path})"
-    return "a rank exited without a Python error (killed by a signal or out of memory?)"
+        if "Traceback" not in text:
+            continue
+        lines = [re.sub(r"^\[rank\d+\]:\s?", "", ln) for ln in text.strip().splitlines() if ln.strip()]
+        error = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", ln.split(":")[0])),
+                     lines[-1])
+        errors.append((bool(_CONSEQUENCE.search(error)), path.parent.name, error.strip(), path))
+    if not errors:
+        return "a rank exited without a Python error (killed by a signal or out of memory?)"
+    consequence, rank_, error, path = sorted(errors, key=lambda e: e[0])[0]
+    if consequence:
+        return (f"a rank exited without a Python error (killed by a signal or out of memory?); rank {rank_} then "
+                f"reported: {error} (log {path})")
+    return f"rank {rank_}: {error} (log {path})"
 
 
 def init_worker(device) -> None:
@@ -221,19 +234,67 @@ def broadcast_model(model) -> None:
         dist.broadcast(t.data, 0)
 
 
+def _cpu_sync_batchnorm_class():
+    import torch
+    import torch.nn.functional as F
+    from torch.distributed.nn.functional import all_reduce
+
+    class CpuSyncBatchNorm(torch.nn.BatchNorm2d):
+        """BatchNorm over the global batch on CPU (gloo), where torch has no SyncBatchNorm: the
+        per-channel sum, sum of squares and count are summed over ranks with a differentiable
+        all-reduce, so forward statistics, running statistics and gradients are the one-process ones."""
+
+        def forward(self, x):
+            if not self.training:
+                return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            c = x.shape[1]
+            xf = x.float()
+            local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)),
+                               xf.new_tensor([x.numel() / c])])
+            total = all_reduce(local)
+            n = total[-1]
+            mean = total[:c] / n
+            var = (total[c:2 * c] / n - mean * mean).clamp(min=0)
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp(min=1))
+                self.num_batches_tracked += 1
+            shape = (1, c, 1, 1)
+            y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+            if self.affine:
+                y = y * self.weight.view(shape) + self.bias.view(shape)
+            return y.to(x.dtype)
+
+    return CpuSyncBatchNorm
+
+
+def _convert_cpu(module, cls):
+    import torch
+
+    if isinstance(module, torch.nn.BatchNorm2d) and not isinstance(module, cls):
+        new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new.weight, new.bias = module.weight, module.bias  # the same parameters: optimizers keep them
+        new.running_mean, new.running_var = module.running_mean, module.running_var
+        new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, _convert_cpu(child, cls))
+    return module
+
+
 def sync_batchnorm(model, device):
-    """BatchNorm -> SyncBatchNorm under distributed training on CUDA (same parameters and buffers);
-    unchanged on one process or on CPU, where torch has no SyncBatchNorm."""
+    """BatchNorm over the global batch under distributed training, in place (same parameters and
+    buffers): torch's SyncBatchNorm on CUDA, :func:`_cpu_sync_batchnorm_class`'s on CPU. Unchanged on
+    one process."""
     import torch
 
     if world_size() <= 1:
         return model
-    if getattr(device, "type", str(device)) != "cuda":
-        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
-            log.warning("distributed training on CPU: BatchNorm statistics are per rank (torch's SyncBatchNorm "
-                        "needs CUDA)")
-        return model
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _convert_cpu(model, _cpu_sync_batchnorm_class())
 
 
 def average_gradients(model) -> None:
@@ -272,12 +333,15 @@ def reduce_sum(values: list[float]) -> list[float]:
 
 def maybe_fail(epoch: int) -> None:
     """Test hook: ``WSSS_FAIL_AT=RANK:EPOCH`` kills this process (SIGKILL, as a crashed node would be)
-    when it is that rank and that epoch (0-based) starts."""
+    when it is that rank and that epoch (0-based) starts; ``RANK:EPOCH:raise`` raises a Python error
+    there instead."""
     spec = os.environ.get(FAIL_ENV)
     if not spec:
         return
-    want_rank, want_epoch = (int(v) for v in spec.split(":"))
-    if rank() == want_rank and epoch == want_epoch:
+    parts = spec.split(":")
+    if rank() == int(parts[0]) and epoch == int(parts[1]):
+        if parts[2:] == ["raise"]:
+            raise RuntimeError(f"injected failure on rank {rank()} at epoch {epoch} ({FAIL_ENV})")
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)

@@ -115,7 +115,12 @@ class ResumePoint:
 
 
 def clear_resume(path: str | Path) -> None:
-    """Remove a resume file (and its folder when that is left empty): the final checkpoint is saved."""
+    """Remove a resume file (and its folder when that is left empty): the final checkpoint is saved.
+    Under distributed training only rank 0, which wrote it, removes it."""
+    from pipeline.distributed import is_main
+
+    if not is_main():
+        return
     path = Path(path)
     path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):

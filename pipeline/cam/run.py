@@ -44,7 +44,10 @@ def run_train_cam(prepared, params: dict, out: str | Path, *, device: torch.devi
                                       inputs={"prepared": prepared_digest(prepared.dir)})
     save_classifier(checkpoint, model, cam["backbone"], prepared.class_names, cam)
     clear_resume(resume)
-    metrics = {"train_images": len(ids), "epochs": cam["epochs"], "final_loss": round(history[-1]["loss"], 5),
+    from pipeline.distributed import world_size
+
+    metrics = {"train_images": len(ids), "epochs": cam["epochs"], "world_size": world_size(),
+               "final_loss": round(history[-1]["loss"], 5),
                "images_per_s": round(float(np.mean([h.get("images_per_s", 0.0) for h in history])), 1)}
     val_ids = prepared.ids(data["eval_split"]) if data["eval_split"] in prepared.index["splits"] else []
     if val_ids:
