@@ -268,7 +268,9 @@ def test_with_background_every_store_metric_model_and_export_is_what_it_was(tmp_
     """The tiny preset's whole graph (data.background true) against the digests recorded from commit
     d24c51c, before data.background existed (`python bench/tiny_graph_digests.py <worktree of d24c51c>
     WORK tests/fixtures/tiny_demo_digests.json`). A change that alters results on purpose records them
-    again with the same command on its own code, and says so in its commit."""
+    again with the same command on its own code, and says so in its commit: issue 24 added
+    ``world_size`` to metrics/train_cam.json, the one digest recorded again (every other one is
+    d24c51c's)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
