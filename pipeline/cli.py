@@ -7,7 +7,8 @@ import runpy
 import sys
 from pathlib import Path
 
-STAGES = ["prepare", "saliency", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "instances", "train_seg", "evaluate", "export"]
+STAGES = ["prepare", "saliency", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "instances", "train_seg", "upper_bound",
+          "evaluate", "export"]
 
 
 def _params(args):

@@ -32,15 +32,19 @@ def cam_best_threshold() -> float | None:
 
 
 def start(stage: str, params_file: str = "params.yaml") -> dict:
-    """Take the workspace lock (one stage at a time, :mod:`pipeline.workspace_lock`; a distributed
-    training worker runs under its launcher's), set up logging and return the validated params."""
+    """Take the workspace lock (one stage at a time, :mod:`pipeline.workspace_lock`), set up logging
+    and return the validated params. A distributed training worker runs under its launcher's lock;
+    with ``compute.nodes`` > 1 every node starts the stage in the same workspace, so the cluster tool
+    that starts them, not the lock, keeps it to one run."""
     from pipeline.distributed import is_worker
 
-    if not is_worker():
+    params = load_params(params_file)
+    multi_node = params["compute"]["nodes"] > 1 and stage in ("train_cam", "train_aff", "train_seg")
+    if not is_worker() and not multi_node:
         hold_workspace_lock(stage)
     setup_logging()
     logging.getLogger("wsss").info("stage %s: starting", stage)
-    return load_params(params_file)
+    return params
 
 
 def start_training(stage: str, namespace: str) -> tuple[dict, object] | None:

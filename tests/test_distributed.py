@@ -109,3 +109,30 @@ def test_a_global_batch_that_does_not_split_is_refused_naming_the_param(upstream
     params = _params(3)  # the tiny preset's cam.batch_size 8 does not split over 3
     with pytest.raises(DistributedError, match=r"param cam.batch_size: 8 does not split over 3 processes"):
         _stage(work, "train_cam", params)
+
+
+def test_two_nodes_meet_at_the_rendezvous_and_train_like_one_process(upstream, tmp_path):
+    """Two 'nodes' on this machine: each starts the stage itself (as one SLURM task per node would),
+    compute.nodes 2 and the same compute.rdzv_endpoint; they meet there and end with the weights of
+    one process."""
+    import socket
+    import subprocess
+    import sys
+
+    one, two = _copy(upstream, tmp_path / "one"), _copy(upstream, tmp_path / "two")
+    _stage(one, "train_cam", _params(1))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    params = _params(1)
+    params["compute"].update(nodes=2, rdzv_endpoint=f"127.0.0.1:{port}")
+    (two / "params.yaml").write_text(render_params(params))
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": str(root)}
+    nodes = [subprocess.Popen([sys.executable, "-m", "stages.train_cam"], cwd=two, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], [err[-2000:] for _, err in outs]
+    a, b = _state(one / "models/cam/classifier.pt"), _state(two / "models/cam/classifier.pt")
+    assert _max_diff(a, b) < 1e-3
+    assert json.loads((two / "metrics/train_cam.json").read_text())["world_size"] == 2
