@@ -57,7 +57,7 @@ def repo(tmp_path_factory):
 def test_repro_runs_every_stage_then_crf_ablation_reruns_only_downstream(repo):
     out = _run(["dvc", "repro"], repo)
     assert _ran(out) == {"prepare", "saliency", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "instances",
-                         "train_seg", "evaluate", "export"}
+                         "train_seg", "upper_bound", "evaluate", "export"}
     inst = json.loads((repo / "metrics/instances.json").read_text())
     assert inst["instances"] > 0 and inst["images"] > 0
     coco = repo / "exports/pseudo_masks/coco_instances"
@@ -126,6 +126,8 @@ SWITCHES = [
      {"prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "instances"}),
     ("instances.merge_radius=4", {"instances", "export"},
      {"prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "train_seg"}),
+    ("seg.upper_bound=true", {"upper_bound", "evaluate"},
+     {"prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "instances", "train_seg"}),
 ]
 
 
