@@ -70,7 +70,9 @@ def quality_markdown(m: dict[str, dict | None], title: str, command: str, notes:
              "labels.", ""]
     lines += list(notes) + [""] if notes else []
     rows = []
+    no_bg = (m.get("cam") or {}).get("background") is False
     for label, key in STAGES:
+        label = "CAM (argmax over the labels)" if key == "cam" and no_bg else label
         s = m.get(key)
         if s:
             rows.append([label, str(s.get("split", "train" if key in ("cam", "crf", "rw") else "val")), _f(s.get("miou")),
@@ -107,9 +109,13 @@ def quality_markdown(m: dict[str, dict | None], title: str, command: str, notes:
                      f"(stride {rw.get('affinity_stride')}, radius {rw.get('radius')}).")
         sep = rw.get("affinity_separation")
         if sep:
-            lines.append(f"- Affinity separation on {sep['images']} GT images: mean affinity of same-object pairs "
-                         f"{sep['same_object']}, background pairs {sep['same_background']}, pairs across a class "
-                         f"boundary {sep['different']} (gap {sep['gap']}).")
+            if no_background:
+                lines.append(f"- Affinity separation on {sep['images']} GT images: mean affinity of same-class pairs "
+                             f"{sep['same_object']}, pairs across a class boundary {sep['different']} (gap {sep['gap']}).")
+            else:
+                lines.append(f"- Affinity separation on {sep['images']} GT images: mean affinity of same-object pairs "
+                             f"{sep['same_object']}, background pairs {sep['same_background']}, pairs across a class "
+                             f"boundary {sep['different']} (gap {sep['gap']}).")
         if cam and not no_background:
             bg = "background"
             lines.append(f"- Background through the walk: IoU {_f(cam['per_class_iou'].get(bg))} → "
