@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from typing import Sequence
 
 import numpy as np
 
@@ -47,12 +48,46 @@ def set_torch_threads(compute: dict, device, loader_workers: int = 0) -> int:
 
 def per_image_torch(compute: dict) -> tuple[str, int]:
     """(device, torch threads) for torch work mapped over images through :func:`dask_client`: in
-    the stage's own process (``synchronous``) the stage's device and ``compute.torch_threads``; in
-    dask workers the CPU with one thread each (the workers are the parallelism, and a GPU is not
-    shared between worker processes)."""
+    the stage's own process (``synchronous``) the stage's device and ``compute.torch_threads``; on
+    the ``gpus`` cluster the worker's own GPU (it sees only that one, as ``cuda``); in other dask
+    workers the CPU with one thread each (the workers are the parallelism, and a GPU is not shared
+    between worker processes)."""
+    if compute["scheduler"] == "gpus":
+        return "cuda", int(compute.get("torch_threads") or 1)
     if compute["scheduler"] != "synchronous":
         return "cpu", 1
     return str(resolve_device(compute["device"])), int(compute.get("torch_threads") or 0)
+
+
+def gpu_worker_specs(gpus: Sequence[int]) -> dict:
+    """distributed.SpecCluster worker specs: one single-threaded worker per GPU, each started (by its
+    Nanny) with ``CUDA_VISIBLE_DEVICES`` set to its GPU alone and a ``GPU`` resource of 1."""
+    from distributed import Nanny
+
+    return {f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": str(g)},
+                                                   "resources": {"GPU": 1}, "silence_logs": 40}}
+            for g in gpus}
+
+
+def gpu_cluster(workers: int = 0):
+    """A local cluster of one worker per GPU (``compute.scheduler: gpus``): dask-cuda's
+    LocalCUDACluster when installed, else :func:`gpu_worker_specs` on a SpecCluster. ``workers`` > 0
+    uses the first that many GPUs."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise RuntimeError("param compute.scheduler: 'gpus' runs one dask worker per GPU, but no CUDA GPU is visible")
+    gpus = list(range(min(workers, count) if workers else count))
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        from distributed import Scheduler, SpecCluster
+
+        return SpecCluster(workers=gpu_worker_specs(gpus), scheduler={"cls": Scheduler,
+                                                                      "options": {"dashboard_address": None}},
+                           silence_logs=40)
+    return LocalCUDACluster(CUDA_VISIBLE_DEVICES=gpus, threads_per_worker=1, dashboard_address=None, silence_logs=40)
 
 
 @contextlib.contextmanager
@@ -61,8 +96,9 @@ def dask_client(scheduler: str = "local", workers: int = 0):
 
     scheduler: ``synchronous`` (in-process loop), ``threads`` (dask threaded scheduler),
     ``processes`` or ``local`` (a distributed LocalCluster of worker processes, one thread
-    each, sized to the machine unless ``workers`` > 0), or ``tcp://host:port`` (an existing
-    dask scheduler; every worker must see the same data paths).
+    each, sized to the machine unless ``workers`` > 0), ``gpus`` (one worker per GPU,
+    :func:`gpu_cluster`), or ``tcp://host:port`` (an existing dask scheduler; every worker must see
+    the same data paths).
     """
     n = workers or default_workers()
     if scheduler == "synchronous":
@@ -83,11 +119,15 @@ def dask_client(scheduler: str = "local", workers: int = 0):
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                                silence_logs=40)
         client = Client(cluster)
+    elif scheduler == "gpus":
+        cluster = gpu_cluster(workers)
+        client = Client(cluster)
     elif scheduler.startswith("tcp://"):
         cluster = None
         client = Client(scheduler)
     else:
-        raise ValueError(f"param compute.scheduler: {scheduler!r} is not synchronous|threads|processes|local|tcp://host:port")
+        raise ValueError(f"param compute.scheduler: {scheduler!r} is not "
+                         "synchronous|threads|processes|local|gpus|tcp://host:port")
     try:
         def run_client(fn, items):
             futures = client.map(fn, list(items), pure=False)

@@ -215,7 +215,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "compute": {
         "device": P(str, "auto", choices=("auto", "cpu", "cuda")),
-        "scheduler": P(str, "local", free_text=True, help="local | threads | processes | synchronous | tcp://host:port"),
+        "scheduler": P(str, "local", free_text=True, help="local | threads | processes | synchronous | gpus (one worker per GPU) | tcp://host:port"),
         "workers": _int(0, 0, help="dask workers for per-image CPU work (0 = one per core)"),
         "seed": _int(0, 0),
         "shard_images": _int(32, 1, 4096, help="images per zarr shard (and per write batch)"),

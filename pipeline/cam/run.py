@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -64,9 +65,48 @@ def cam_spec(stride: int, num_fg: int) -> ArraySpec:
     return ArraySpec("float16", stride=stride, channels=num_fg, fill=0)
 
 
+@dataclass(frozen=True)
+class CamChunk:
+    """Some images' CAMs, computed by a dask worker on its own device (``compute.scheduler: gpus``:
+    the worker's GPU). Paths are absolute; the worker loads the classifier once."""
+
+    prepared_dir: str
+    data: dict
+    classifier: str
+    cam: dict
+    keys: tuple
+    device: str = "cuda"
+
+
+_WORKER_MODEL: dict = {}
+
+
+def cam_chunk(task: CamChunk) -> dict:
+    """Worker entry (top level, picklable): {image id: (CAMs float16, logits)} for ``task.keys``."""
+    from pipeline.models.classifier import load_classifier
+    from pipeline.refine.runner import open_prepared
+
+    key = (task.classifier, task.device)
+    if key not in _WORKER_MODEL:
+        _WORKER_MODEL.clear()
+        _WORKER_MODEL[key] = load_classifier(task.classifier, task.device)[0]
+    model, cam = _WORKER_MODEL[key], task.cam
+    prepared = open_prepared(task.prepared_dir, task.data)
+    inference = CamInference(build_method(cam["method"], model, cam["method_options"]), cam["scales"], cam["flip"],
+                             cam["stride"], task.device, dtype=cam["infer_dtype"])
+    keys = list(task.keys)
+    res = compute_cams(inference, prepared.image, keys, prepared.sizes(keys), [prepared.label_vector(k) for k in keys],
+                       num_workers=0, max_batch=cam["infer_batch"])
+    return {k: (res[k][0].astype(np.float16), res[k][1]) for k in keys}
+
+
 def make_cam_store(prepared, model: CamClassifier, meta: dict, params: dict, device: torch.device, out: Path,
-                   classifier_digest: str, ids: Sequence[str] | None = None) -> tuple[Path, dict]:
+                   classifier_digest: str, ids: Sequence[str] | None = None, classifier: str | Path | None = None
+                   ) -> tuple[Path, dict]:
     """Write ``out`` (array "cam", see the data contract) for the train split, shard by shard (resumable).
+    With ``compute.scheduler: gpus`` each shard's images are split into chunks of ``cam.infer_batch``
+    that the GPU workers compute (:func:`cam_chunk`, the checkpoint ``classifier``); otherwise this
+    process computes them on ``device``.
 
     Returns (path, {image id: logits (K,)}) for the images computed in this run."""
     cam, data = params["cam"], params["data"]
@@ -79,11 +119,20 @@ def make_cam_store(prepared, model: CamClassifier, meta: dict, params: dict, dev
     inference = CamInference(method, cam["scales"], cam["flip"], cam["stride"], device, dtype=cam["infer_dtype"])
     logits_by_id: dict[str, np.ndarray] = {}
 
+    on_gpus = params["compute"]["scheduler"] == "gpus"
+    run_on_workers = None
+
     def compute(idx: list[int]) -> dict:
         keys = [ids[i] for i in idx]
-        res = compute_cams(inference, prepared.image, keys, [sizes[i] for i in idx],
-                           [prepared.label_vector(k) for k in keys], num_workers=cam["num_workers"],
-                           max_batch=cam["infer_batch"])
+        if on_gpus:
+            step = cam["infer_batch"]
+            tasks = [CamChunk(str(Path(prepared.dir).resolve()), dict(data), str(Path(classifier).resolve()), dict(cam),
+                              tuple(keys[j:j + step])) for j in range(0, len(keys), step)]
+            res = {k: v for part in run_on_workers(cam_chunk, tasks) for k, v in part.items()}
+        else:
+            res = compute_cams(inference, prepared.image, keys, [sizes[i] for i in idx],
+                               [prepared.label_vector(k) for k in keys], num_workers=cam["num_workers"],
+                               max_batch=cam["infer_batch"])
         logits_by_id.update({k: res[k][1] for k in keys})
         return {"cam": [res[k][0].astype(np.float16) for k in keys]}
 
@@ -92,8 +141,17 @@ def make_cam_store(prepared, model: CamClassifier, meta: dict, params: dict, dev
              "params": dict(cam), "split": data["train_split"], "backbone": meta["backbone"],
              "classifier": classifier_digest,
              "inputs": {"classifier": classifier_digest, "prepared": prepared_digest(prepared.dir)}}
-    path = write_store(out, ids, sizes, {"cam": cam_spec(cam["stride"], prepared.num_label_classes)}, attrs, compute,
-                       shard_images=params["compute"]["shard_images"], progress="make_cam")
+    if not on_gpus:
+        path = write_store(out, ids, sizes, {"cam": cam_spec(cam["stride"], prepared.num_label_classes)}, attrs, compute,
+                           shard_images=params["compute"]["shard_images"], progress="make_cam")
+        return path, logits_by_id
+    if classifier is None:
+        raise ValueError("make_cam on the gpus scheduler needs the classifier checkpoint's path for its workers")
+    from pipeline.compute import dask_client
+
+    with dask_client("gpus", params["compute"]["workers"]) as run_on_workers:
+        path = write_store(out, ids, sizes, {"cam": cam_spec(cam["stride"], prepared.num_label_classes)}, attrs,
+                           compute, shard_images=params["compute"]["shard_images"], progress="make_cam")
     return path, logits_by_id
 
 
@@ -167,7 +225,8 @@ def run_make_cam(prepared, params: dict, classifier: str | Path, out: str | Path
     prepared, checkpoint, out = as_prepared(prepared, params["data"]), Path(classifier), Path(out)
 
     model, meta = load_classifier(checkpoint, device)
-    _, logits = make_cam_store(prepared, model, meta, params, device, out, file_digest(checkpoint))
+    _, logits = make_cam_store(prepared, model, meta, params, device, out, file_digest(checkpoint),
+                               classifier=checkpoint)
     store = Store(out)
     metrics = evaluate_cam_store(prepared, store, model, logits, params, device)
     picture = gallery_picture(prepared, store, params["data"]["gallery_ids"], gallery_threshold(metrics, params["cam"]))
