@@ -43,16 +43,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="total torch threads on each side")
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--images", type=int, default=320, help="demo training images")
+    ap.add_argument("--freeze-bn", action="store_true", help="cam.freeze_bn: BatchNorm statistics fixed, so no "
+                    "BatchNorm all-reduce per layer (what that synchronisation costs)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-ddp-"))
     base = preset("demo")
     base["data"]["demo_num_train"] = args.images
-    base["cam"].update(epochs=args.epochs, num_workers=0)
+    base["cam"].update(epochs=args.epochs, num_workers=0, freeze_bn=args.freeze_bn)
     run_stage(work, base, "prepare")
     sides = {f"1 process x {args.threads} threads": (1, args.threads),
              f"{args.procs} processes x {args.threads // args.procs} threads": (args.procs, args.threads // args.procs)}
     print(f"load before: {os.getloadavg()}  cores: {os.cpu_count()}  train_cam on {args.images} demo images, "
-          f"{args.epochs} epochs, global batch {base['cam']['batch_size']}, {args.runs} runs per side (interleaved)")
+          f"{args.epochs} epochs, global batch {base['cam']['batch_size']}, freeze_bn {args.freeze_bn}, {args.runs} runs "
+          f"per side (interleaved)")
     results = {name: {"samples_per_s": [], "wall_s": []} for name in sides}
     for _ in range(args.runs):
         for name, (procs, threads) in sides.items():
