@@ -85,3 +85,30 @@ def tiny_data_with_gt_seeds(tmp_path: str | Path, num_train: int = 4):
     write_store(Path(tmp_path) / "seeds.zarr", ids, prepared.sizes(ids), {"seed": ArraySpec("uint8", fill=255)}, {},
                 lambda idx: {"seed": [prepared.gt(ids[i]) for i in idx]}, shard_images=4)
     return params, prepared, ids
+
+
+GRAPH = ("prepare", "saliency", "train_cam", "make_cam", "crf", "train_aff", "random_walk", "instances", "train_seg",
+         "upper_bound", "evaluate", "export")
+
+
+def run_stages(work: str | Path, params: dict, stages=GRAPH, env: dict | None = None) -> Path:
+    """Write ``params`` as ``work/params.yaml`` and run each stage's ``main`` in order with ``work`` as
+    the working directory (and ``env`` set), as ``dvc repro`` would. Returns ``work``."""
+    import importlib
+
+    import pytest
+
+    from pipeline.config import render_params
+
+    work = Path(work)
+    (work / "params.yaml").write_text(render_params(params))
+    mp = pytest.MonkeyPatch()
+    mp.chdir(work)
+    for key, value in (env or {}).items():
+        mp.setenv(key, value)
+    try:
+        for name in stages:
+            importlib.import_module(f"stages.{name}").main()
+    finally:
+        mp.undo()
+    return work

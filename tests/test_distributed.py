@@ -5,7 +5,6 @@ batch (on CPU our all-reduced BatchNorm: torch's SyncBatchNorm needs CUDA) must 
 weights. Dropout draws different masks on each rank, so the segmenter's is off here."""
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from pipeline.config import render_params
 from pipeline.distributed import FAIL_ENV, DistributedError
 from pipeline.presets import preset
+from synthetic import run_stages
 
 UPSTREAM = ("prepare", "train_cam", "make_cam", "crf", "train_aff", "random_walk")
 
@@ -28,15 +28,7 @@ def _params(procs: int) -> dict:
 
 
 def _stage(work: Path, name: str, params: dict, env: dict | None = None) -> None:
-    (work / "params.yaml").write_text(render_params(params))
-    mp = pytest.MonkeyPatch()
-    mp.chdir(work)
-    for k, v in (env or {}).items():
-        mp.setenv(k, v)
-    try:
-        importlib.import_module(f"stages.{name}").main()
-    finally:
-        mp.undo()
+    run_stages(work, params, (name,), env)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ class, never a background that sneaked back.
 """
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from PIL import Image
 
 from pipeline.cam.evaluate import LabelArgmax, label_argmax, pseudo_label
-from pipeline.config import ParamsError, render_params, validate
+from pipeline.config import ParamsError, validate
 from pipeline.datasets import DatasetError
 from pipeline.datasets.folder import FolderDataset, read_class_list
 from pipeline.labels import IGNORE_INDEX, class_channels, first_class, label_scores, to_class_labels
@@ -26,6 +25,7 @@ from pipeline.presets import preset
 from pipeline.refine.instances import instances_from_scores
 from pipeline.refine.random_walk import pseudo_mask
 from pipeline.refine.seeds import MarginSeeds, margin_labels, threshold_seeds
+from synthetic import run_stages
 
 SCENE = ["sky", "grass", "road"]
 
@@ -185,17 +185,7 @@ STAGES = ("prepare", "saliency", "train_cam", "make_cam", "crf", "train_aff", "r
 
 @pytest.fixture(scope="module")
 def stuff_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("stuff")
-    params = preset("tiny_stuff")
-    (work / "params.yaml").write_text(render_params(params))
-    mp = pytest.MonkeyPatch()
-    mp.chdir(work)
-    try:
-        for name in STAGES:
-            importlib.import_module(f"stages.{name}").main()
-        yield work
-    finally:
-        mp.undo()
+    return run_stages(tmp_path_factory.mktemp("stuff"), preset("tiny_stuff"), STAGES)
 
 
 def _read(work: Path, name: str) -> dict:
@@ -264,7 +254,7 @@ def test_stuff_exports_keep_class_zero_as_the_first_class(stuff_run):
 DIGESTS = Path(__file__).parent / "fixtures" / "tiny_demo_digests.json"
 
 
-def test_with_background_every_store_metric_model_and_export_is_what_it_was(tmp_path, monkeypatch):
+def test_with_background_every_store_metric_model_and_export_is_what_it_was(tmp_path):
     """The tiny preset's whole graph (data.background true) against the digests recorded from commit
     d24c51c, before data.background existed (`python bench/tiny_graph_digests.py <worktree of d24c51c>
     WORK tests/fixtures/tiny_demo_digests.json`). A change that alters results on purpose records them
@@ -278,10 +268,7 @@ def test_with_background_every_store_metric_model_and_export_is_what_it_was(tmp_
 
     params = preset("tiny")
     assert params["data"]["background"] is True
-    (tmp_path / "params.yaml").write_text(render_params(params))
-    monkeypatch.chdir(tmp_path)
-    for name in STAGES:
-        importlib.import_module(f"stages.{name}").main()
+    run_stages(tmp_path, params, STAGES)
     want, got = json.loads(DIGESTS.read_text()), run_digests(tmp_path)
     differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
     assert not differ, f"{len(differ)} outputs differ from the recorded run: {differ[:12]}"

@@ -4,7 +4,6 @@ the run's metrics, sorting, paging and the class filter work; the upper bound is
 as from another run. Skipped, saying why, where no Chromium is installed (.ci/run installs it)."""
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import sys
@@ -16,8 +15,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from browser import Browser, find_chromium  # noqa: E402
 
-from pipeline.config import render_params  # noqa: E402
 from pipeline.presets import preset  # noqa: E402
+from synthetic import run_stages  # noqa: E402
 
 try:
     import websocket  # noqa: F401
@@ -34,14 +33,7 @@ STAGES = ("prepare", "saliency", "train_cam", "make_cam", "crf", "train_aff", "r
 
 
 def _run(work: Path, params: dict, stages=STAGES) -> None:
-    (work / "params.yaml").write_text(render_params(params))
-    mp = pytest.MonkeyPatch()
-    mp.chdir(work)
-    try:
-        for name in stages:
-            importlib.import_module(f"stages.{name}").main()
-    finally:
-        mp.undo()
+    run_stages(work, params, stages)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +65,15 @@ def _all_images_load(page) -> list[bool]:
                      "return i.decode().then(() => i.naturalWidth > 0, () => false); }))", await_promise=True)
 
 
+def _open_clean(browser, path: Path):
+    """The page at ``path``, checked: no console error or failed load, and every image decodes."""
+    page = browser.open(path)
+    assert page.errors == []
+    loaded = _all_images_load(page)
+    assert loaded and all(loaded)
+    return page
+
+
 def test_the_browser_check_sees_a_broken_image_and_a_script_error(tmp_path, browser):
     page_file = tmp_path / "broken.html"
     page_file.write_text('<!doctype html><html><body><img src="missing.png"><script>null.x;</script></body></html>')
@@ -84,10 +85,7 @@ def test_the_browser_check_sees_a_broken_image_and_a_script_error(tmp_path, brow
 
 def test_report_renders_without_errors_and_shows_this_runs_figures(run, browser):
     work, _ = run
-    page = browser.open(work / "reports/index.html")
-    assert page.errors == []
-    loaded = _all_images_load(page)
-    assert loaded and all(loaded)
+    page = _open_clean(browser, work / "reports/index.html")
     shown = page.eval("Array.from(document.querySelectorAll('tr[data-stage]')).map(r => "
                       "[r.dataset.stage, r.cells[2].textContent, r.className])")
     want = {"cam": _metrics(work, "cam"), "crf": _metrics(work, "crf"), "rw": _metrics(work, "rw"),
@@ -106,10 +104,7 @@ def test_worst_first_page_loads_sorts_pages_and_filters(run, browser):
     from pipeline.worst_first import image_iou
 
     work, params = run
-    page = browser.open(work / "reports/worst.html")
-    assert page.errors == []
-    loaded = _all_images_load(page)
-    assert loaded and all(loaded)
+    page = _open_clean(browser, work / "reports/worst.html")
     rows = "Array.from(document.querySelectorAll('#body tr'))"
     # default: pseudo masks, worst first; images without a pseudo-mask IoU (eval split) after them
     col = page.eval("data = window.WSSS_WORST; data.stages.findIndex(s => s.key === 'rw') + 3")
@@ -123,9 +118,9 @@ def test_worst_first_page_loads_sorts_pages_and_filters(run, browser):
     assert values[0] == _fmt(image_iou(pseudo.read("mask", first), prepared.gt(first)))
     # clicking the CAM column sorts by it, ascending, then descending
     cam_col = page.eval("window.WSSS_WORST.stages.findIndex(s => s.key === 'cam') + 3")
-    page.eval(f"document.querySelector('th[data-key=cam]').click()")
+    page.eval("document.querySelector('th[data-key=cam]').click()")
     up = [float(v) for v in page.eval(f"{rows}.map(r => r.cells[{cam_col}].textContent)") if v != "–"]
-    page.eval(f"document.querySelector('th[data-key=cam]').click()")
+    page.eval("document.querySelector('th[data-key=cam]').click()")
     down = [float(v) for v in page.eval(f"{rows}.map(r => r.cells[{cam_col}].textContent)") if v != "–"]
     assert up == sorted(up) and down == sorted(down, reverse=True) and len(up) > 3
     # paging: 10 rows a page
