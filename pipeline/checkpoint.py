@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
+from pipeline.distributed import is_main
+
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
     """torch.save to a temp name, then rename (a killed run never leaves a truncated checkpoint).
     A failed write (full disk, read-only folder) removes the temp file and raises OSError naming the path.
     Under distributed training only rank 0 writes (:mod:`pipeline.distributed`); the others return at once."""
-    from pipeline.distributed import is_main
-
     path = Path(path)
     if not is_main():
         return path

@@ -71,18 +71,17 @@ def requested_world(compute: dict) -> int:
     return int(compute["procs_per_node"]) * int(compute["nodes"])
 
 
-def check_global_batch(batch_size: int, images: int, world: int, param: str) -> int:
-    """The per-rank batch of a global batch ``batch_size`` split over ``world`` ranks; a clear error
-    naming ``param`` when it does not split evenly or leaves no full batch."""
+def check_global_batch(batch_size: int, images: int, world: int, param: str) -> None:
+    """A clear error naming ``param`` when a global batch ``batch_size`` does not split evenly over
+    ``world`` ranks or ``images`` leave no full batch."""
     if world <= 1:
-        return batch_size
+        return
     if batch_size % world:
         raise ValueError(f"param {param}: {batch_size} does not split over {world} processes "
                          f"(compute.procs_per_node x compute.nodes); use a multiple of {world}")
     if images < batch_size:
         raise ValueError(f"param {param}: {batch_size} is more than the {images} training images; under "
                          f"distributed training every step needs a full global batch")
-    return batch_size // world
 
 
 def launch(stage: str, compute: dict, project_root: str | Path | None = None) -> bool:
@@ -194,18 +193,20 @@ class RankBatches:
             yield batch[self.rank * per:(self.rank + 1) * per]
 
 
-def rank_loader(dataset, sampler, batch_size: int, drop_last: bool, **loader_kw):
-    """A DataLoader over ``dataset`` drawing ``sampler``'s order in global batches of ``batch_size``;
-    under distributed training each rank loads its slice. One process: the loader a plain
-    ``DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last)`` would be. Pass the
+def rank_loader(dataset, sampler, batch_size: int, param: str, **loader_kw):
+    """A DataLoader over ``dataset`` drawing ``sampler``'s order in global batches of ``batch_size``
+    (the param ``param``; the last, partial batch is dropped unless it is the only one); under
+    distributed training each rank loads its slice (:func:`check_global_batch` first). One process:
+    the loader a plain ``DataLoader(dataset, batch_size, sampler=sampler, drop_last=...)`` would be. Pass the
     sampler's ``generator`` in ``loader_kw`` too when it has one: a DataLoader draws its workers'
     base seed from it (from torch's global RNG without one), as ``shuffle=True`` loaders do."""
     import torch
 
     world = world_size()
+    check_global_batch(batch_size, len(dataset), world, param)
     if world <= 1:
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                                           **loader_kw)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                           drop_last=len(dataset) > batch_size, **loader_kw)
     batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=True)
     return torch.utils.data.DataLoader(dataset, batch_sampler=RankBatches(batches, rank(), world), **loader_kw)
 

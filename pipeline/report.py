@@ -194,7 +194,6 @@ def write_worst_first(prepared, data: dict, labels: dict, stores: dict, out_dir:
     sweep's best threshold (argmax over the labels without a background)."""
     from pipeline.cam.evaluate import pseudo_label
     from pipeline.labels import grid_to_image
-    from pipeline.visual import colourise
     from pipeline.worst_first import worst_first_rows, write_worst_page
 
     cam_metrics = labels.get("cam") or {}
@@ -211,18 +210,10 @@ def write_worst_first(prepared, data: dict, labels: dict, stores: dict, out_dir:
         full = grid_to_image(s.read("cam", i).astype(np.float32), prepared.size(i), int(s.attrs["stride"]))
         return pseudo_label(full, threshold, prepared.labels(i), background=prepared.background)
 
-    def coloured(fn):
-        return lambda i: (lambda m: None if m is None else colourise(m, palette))(fn(i))
-
     masks = {"cam": cam_mask, "crf": read("crf", "seed"), "rw": read("rw", "mask"), "segmenter": read("segmenter", "mask")}
-    gt = coloured(prepared.gt)
-    columns = {"train": [prepared.image, cam_picture, coloured(masks["crf"]), coloured(masks["rw"]), gt],
-               "eval": [prepared.image, coloured(masks["segmenter"]), gt]}
-    titles = {"train": ["image", "CAM", "seeds", "pseudo mask", "GT"], "eval": ["image", "segmenter", "GT"]}
     rows = worst_first_rows(prepared, prepared.ids(data["train_split"]), prepared.ids(data["eval_split"]), masks,
-                            columns, out_dir)
-    return write_worst_page(out_dir, rows, prepared.class_names, titles,
-                            f"WSSS run: {prepared.index.get('dataset')}")
+                            cam_picture, palette, out_dir)
+    return write_worst_page(out_dir, rows, prepared.class_names, f"WSSS run: {prepared.index.get('dataset')}")
 
 
 def build_run_report(prepared, params: dict, seg_result: dict, labels: dict, upper: dict | None,
@@ -237,29 +228,17 @@ def build_run_report(prepared, params: dict, seg_result: dict, labels: dict, upp
     worst-first page (:mod:`pipeline.worst_first`). Returns the per-stage rows (for the stages plot)."""
     from pipeline.segment import predict_mask
     from pipeline.store import Store, StoreError
+    from pipeline.upper_bound import bound_for_report
     from pipeline.visual import colourise, heatmap
-
-    from pipeline.upper_bound import provenance_matches
 
     seg, data = params["seg"], params["data"]
     model, ckpt, metrics = seg_result["model"], seg_result["checkpoint"], seg_result["metrics"]
     on_gt = ckpt["labels"] == "gt"
     seg_row = None if on_gt else metrics
-    upper_note: str | tuple[str, str]
     if on_gt:
         upper, upper_note = metrics, "Upper bound: this run trained its segmenter on GT, so its segmenter is the upper bound."
-    elif not upper or upper.get("measured", True) is False or upper.get("miou") is None:
-        upper = None
-        upper_note = "Upper bound: not measured in this run; set seg.upper_bound: true to train the same segmenter on GT."
     else:
-        same, why = provenance_matches(upper, params)
-        prov = upper.get("provenance") or {}
-        upper = {**upper, "foreign": not same}
-        upper_note = ("Upper bound: measured by this run (stage upper_bound: same code and params, "
-                      f"{prov.get('created')})." if same else
-                      ("foreign", f"Upper bound FROM ANOTHER RUN, not this one: {'; '.join(why)}. It was measured "
-                       f"{prov.get('created', 'at an unknown date')} with code revision "
-                       f"{str(prov.get('code_revision'))[:12]}, params digest {prov.get('params_digest')}."))
+        upper, upper_note = bound_for_report(upper, params)
 
     def open_or_none(path):
         try:

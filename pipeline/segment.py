@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pipeline.augment import normalise, random_scale_crop_flip
 from pipeline.metrics import ConfusionMatrix
 from pipeline.labels import IGNORE_INDEX
+from pipeline.distributed import global_count, rank_loader, world_size
 from pipeline.store import ArraySpec, Store, fingerprint, write_store
 from pipeline.training import ResumePoint, autocast, images_to, param_groups, to_device, train_loop
 
@@ -83,8 +84,6 @@ class SegTrainSet(torch.utils.data.Dataset):
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over labelled pixels (255 skipped); 0 (with a gradient path) when none is labelled.
     Under distributed training the mean is over the labelled pixels of every rank (the global batch's)."""
-    from pipeline.distributed import global_count, world_size
-
     if world_size() > 1:
         count = global_count((target != IGNORE_INDEX).sum())
         return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum") / count.clamp(min=1)
@@ -111,11 +110,8 @@ def train_segmenter(model: torch.nn.Module, train_set: SegTrainSet, seg: dict, d
     if resume_path:
         resume = ResumePoint(resume_path, fingerprint(dict(seg), seed, train_set.ids), "train_seg", generator=gen,
                              inputs={**(inputs or {}), "initial_weights": state_digest(model)})
-    from pipeline.distributed import check_global_batch, rank_loader, world_size
-
-    check_global_batch(seg["batch_size"], len(train_set), world_size(), "seg.batch_size")
     loader = rank_loader(train_set, torch.utils.data.RandomSampler(train_set, generator=gen), seg["batch_size"],
-                         len(train_set) > seg["batch_size"], num_workers=seg["num_workers"], generator=gen,
+                         "seg.batch_size", num_workers=seg["num_workers"], generator=gen,
                          pin_memory=device.type == "cuda", persistent_workers=False)
 
     def step(batch: dict) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 import torch
 
 from pipeline.checkpoint import save_checkpoint
+from pipeline.distributed import average_gradients, broadcast_model, is_main, maybe_fail, reduce_sum, sync_batchnorm
 from pipeline.progress import progress_bar
 
 log = logging.getLogger("wsss")
@@ -117,8 +118,6 @@ class ResumePoint:
 def clear_resume(path: str | Path) -> None:
     """Remove a resume file (and its folder when that is left empty): the final checkpoint is saved.
     Under distributed training only rank 0, which wrote it, removes it."""
-    from pipeline.distributed import is_main
-
     if not is_main():
         return
     path = Path(path)
@@ -138,8 +137,6 @@ def train_loop(model: torch.nn.Module, loader, step_fn: Callable[[dict], torch.T
     is restored first (the poly schedule continues where it stopped) and one is written after every
     epoch, before ``on_epoch_end(epoch, loss)``.
     """
-    from pipeline.distributed import average_gradients, broadcast_model, maybe_fail, reduce_sum, sync_batchnorm
-
     sync_batchnorm(model, device)  # under distributed training on CUDA (in place: the step functions hold the model)
     history, start_epoch = resume.restore(model, optimizer) if resume else ([], 0)
     broadcast_model(model)  # every rank from rank 0's weights

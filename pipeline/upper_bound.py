@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 # the params that define the bound: the segmenter's training and evaluation, the data it sees, the seed
@@ -59,6 +60,21 @@ def provenance_matches(bound: dict | None, params: dict, repo_dir: str | Path = 
     return not why, why
 
 
+def bound_for_report(bound: dict | None, params: dict, repo_dir: str | Path = ".") -> tuple[dict | None, str | tuple]:
+    """(the bound to show, marked ``foreign`` when :func:`provenance_matches` fails, or None when
+    nothing was measured; the report's note about it — a ("foreign", text) pair to be drawn red)."""
+    if not bound or bound.get("measured", True) is False or bound.get("miou") is None:
+        return None, "Upper bound: not measured in this run; set seg.upper_bound: true to train the same segmenter on GT."
+    same, why = provenance_matches(bound, params, repo_dir)
+    prov = bound.get("provenance") or {}
+    if same:
+        return {**bound, "foreign": False}, ("Upper bound: measured by this run (stage upper_bound: same code and "
+                                             f"params, {prov.get('created')}).")
+    return {**bound, "foreign": True}, ("foreign", f"Upper bound FROM ANOTHER RUN, not this one: {'; '.join(why)}. It "
+                                        f"was measured {prov.get('created', 'at an unknown date')} with code revision "
+                                        f"{str(prov.get('code_revision'))[:12]}, params digest {prov.get('params_digest')}.")
+
+
 def not_measured(reason: str) -> dict:
     """The metrics of a run that measured no bound."""
     return {"measured": False, "reason": reason, "miou": None}
@@ -87,17 +103,16 @@ def run_upper_bound(prepared, params: dict, classifier: str | Path | None, out: 
     saying why (no model that could pass for one)."""
     from pipeline.segment import run_evaluate, run_train_seg
 
-    import shutil
-
     seg, out_dir = params["seg"], Path(out)
     if not seg["upper_bound"]:
-        shutil.rmtree(out_dir, ignore_errors=True)  # no model of an earlier run may pass for this run's
-        out_dir.mkdir(parents=True)
         reason = ("seg.upper_bound is false: no GT-trained segmenter in this run"
                   + (f"; the bound shown is copied from {seg['upper_bound_from']}" if seg["upper_bound_from"] else
                      "; set seg.upper_bound: true to measure it"))
+        result = copy_foreign_bound(seg["upper_bound_from"]) if seg["upper_bound_from"] else not_measured(reason)
+        shutil.rmtree(out_dir, ignore_errors=True)  # no model of an earlier run may pass for this run's
+        out_dir.mkdir(parents=True)
         (out_dir / "NOT_TRAINED.txt").write_text(reason + "\n")
-        return copy_foreign_bound(seg["upper_bound_from"]) if seg["upper_bound_from"] else not_measured(reason)
+        return result
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "NOT_TRAINED.txt").unlink(missing_ok=True)
     gt_params = {**params, "seg": {**seg, "labels": "gt"}}

@@ -61,15 +61,20 @@ def write_thumb(path: Path, pictures: Sequence[np.ndarray]) -> None:
     cv2.imwrite(str(path), np.ascontiguousarray(strip[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 80])
 
 
+# the cells of a thumbnail strip per split: the image, the CAM heatmap, the stages' masks, the GT
+THUMB_TITLES = {"train": ["image", "CAM", "seeds", "pseudo mask", "GT"], "eval": ["image", "segmenter", "GT"]}
+
+
 def worst_first_rows(prepared, train_ids: Sequence[str], eval_ids: Sequence[str],
                      masks: dict[str, Callable[[str], np.ndarray | None]],
-                     thumb_columns: dict[str, Sequence[Callable[[str], np.ndarray | None]]],
+                     cam_heatmap: Callable[[str], np.ndarray | None], palette: np.ndarray,
                      out_dir: str | Path, progress: bool = True) -> list[dict]:
     """One row per image with GT: {"id", "split", "classes" (names in its GT and labels), "iou": {stage:
-    % or None}, "thumb"}; writes the thumbnails. ``masks``: stage key -> (id -> (H, W) uint8 mask or
-    None); ``thumb_columns``: "train" / "eval" -> the pictures of a thumbnail strip (a column giving
-    None is left out)."""
+    % or None}, "thumb"}; writes the thumbnails (:data:`THUMB_TITLES`) from the same masks the IoUs
+    are of. ``masks``: stage key -> (id -> (H, W) uint8 mask or None); ``cam_heatmap``: id -> the CAM
+    drawn over the image (train split); a cell that is None is left out of the strip."""
     from pipeline.progress import progress_bar
+    from pipeline.visual import colourise
 
     thumbs = Path(out_dir) / "thumbs"
     thumbs.mkdir(parents=True, exist_ok=True)
@@ -82,25 +87,26 @@ def worst_first_rows(prepared, train_ids: Sequence[str], eval_ids: Sequence[str]
             gt = prepared.gt(image_id)
             if gt is None:
                 continue
-            iou = {}
-            for key, _, stage_kind in STAGES:
-                mask = masks[key](image_id) if stage_kind == kind and key in masks else None
-                iou[key] = image_iou(mask, gt) if mask is not None else None
+            stage_masks = {key: masks[key](image_id) if stage_kind == kind and key in masks else None
+                           for key, _, stage_kind in STAGES}
+            iou = {key: None if m is None else image_iou(m, gt) for key, m in stage_masks.items()}
             classes = sorted(set(int(c) for c in np.unique(gt) if c != IGNORE_INDEX) | set(prepared.labels(image_id)))
-            pictures = [p for p in (f(image_id) for f in thumb_columns[kind]) if p is not None]
-            write_thumb(thumbs / f"{image_id}.jpg", pictures)
+            drawn = ("crf", "rw") if kind == "train" else ("segmenter",)
+            cells = [prepared.image(image_id), cam_heatmap(image_id) if kind == "train" else None,
+                     *(None if stage_masks[k] is None else colourise(stage_masks[k], palette) for k in drawn),
+                     colourise(gt, palette)]
+            write_thumb(thumbs / f"{image_id}.jpg", [c for c in cells if c is not None])
             rows.append({"id": image_id, "split": kind, "classes": [names[c] for c in classes], "iou": iou,
                          "thumb": f"thumbs/{image_id}.jpg"})
     return rows
 
 
-def write_worst_page(out_dir: str | Path, rows: Sequence[dict], class_names: Sequence[str],
-                     thumb_titles: dict[str, Sequence[str]], title: str) -> Path:
+def write_worst_page(out_dir: str | Path, rows: Sequence[dict], class_names: Sequence[str], title: str) -> Path:
     """``out_dir/worst.html`` + ``worst_data.js`` for ``rows`` (see :func:`worst_first_rows`)."""
     out_dir = Path(out_dir)
     stages = [{"key": k, "title": t, "split": s} for k, t, s in STAGES if any(r["iou"].get(k) is not None for r in rows)]
     data = {"rows": list(rows), "classes": list(class_names), "stages": stages, "page_size": PAGE_SIZE,
-            "thumb_titles": {k: list(v) for k, v in thumb_titles.items()}}
+            "thumb_titles": THUMB_TITLES}
     (out_dir / "worst_data.js").write_text("window.WSSS_WORST = " + json.dumps(data, separators=(",", ":")) + ";\n")
     page = _PAGE.replace("__TITLE__", html.escape(title))
     path = out_dir / "worst.html"

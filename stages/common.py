@@ -31,15 +31,15 @@ def cam_best_threshold() -> float | None:
     return (read_json(CAM_METRICS) or {}).get("best_threshold")
 
 
-def start(stage: str, params_file: str = "params.yaml") -> dict:
+def start(stage: str, params_file: str = "params.yaml", training: bool = False) -> dict:
     """Take the workspace lock (one stage at a time, :mod:`pipeline.workspace_lock`), set up logging
     and return the validated params. A distributed training worker runs under its launcher's lock;
-    with ``compute.nodes`` > 1 every node starts the stage in the same workspace, so the cluster tool
-    that starts them, not the lock, keeps it to one run."""
+    a ``training`` stage with ``compute.nodes`` > 1 is started by every node in the same workspace,
+    so the cluster tool that starts them, not the lock, keeps it to one run."""
     from pipeline.distributed import is_worker
 
     params = load_params(params_file)
-    multi_node = params["compute"]["nodes"] > 1 and stage in ("train_cam", "train_aff", "train_seg")
+    multi_node = training and params["compute"]["nodes"] > 1
     if not is_worker() and not multi_node:
         hold_workspace_lock(stage)
     setup_logging()
@@ -55,7 +55,7 @@ def start_training(stage: str, namespace: str) -> tuple[dict, object] | None:
     namespace whose ``num_workers`` data loader workers the stage runs."""
     from pipeline.distributed import init_worker, launch, worker_device
 
-    params = start(stage)
+    params = start(stage, training=True)
     if launch(stage, params["compute"]):
         return None
     device = worker_device(torch_device(params, params[namespace]["num_workers"], seed=True))

@@ -14,6 +14,7 @@ from pipeline.cam.gallery import cam_gallery
 from pipeline.cam.infer import CamInference, compute_cams
 from pipeline.cam.methods import build_method
 from pipeline.cam.train import ClassificationSet, mean_average_precision, predict_scores, train_classifier
+from pipeline.distributed import world_size
 from pipeline.labels import grid_to_image
 from pipeline.models.classifier import CamClassifier, save_classifier
 from pipeline.progress import progress_bar
@@ -45,8 +46,6 @@ def run_train_cam(prepared, params: dict, out: str | Path, *, device: torch.devi
                                       inputs={"prepared": prepared_digest(prepared.dir)})
     save_classifier(checkpoint, model, cam["backbone"], prepared.class_names, cam)
     clear_resume(resume)
-    from pipeline.distributed import world_size
-
     metrics = {"train_images": len(ids), "epochs": cam["epochs"], "world_size": world_size(),
                "final_loss": round(history[-1]["loss"], 5),
                "images_per_s": round(float(np.mean([h.get("images_per_s", 0.0) for h in history])), 1)}

@@ -15,6 +15,7 @@ import torch
 
 from pipeline.augment import normalise, random_scale_crop_flip
 from pipeline.cam.objectives import build_objective
+from pipeline.distributed import rank_loader
 from pipeline.models.classifier import CamClassifier, build_classifier
 from pipeline.store import fingerprint
 from pipeline.training import ResumePoint, images_to, param_groups, to_device, train_loop
@@ -86,11 +87,8 @@ def train_classifier(dataset: ClassificationSet, cam_params: dict, num_classes: 
     if resume_path:
         resume = ResumePoint(resume_path, fingerprint({k: p[k] for k in TRAIN_KEYS}, seed, list(dataset.ids), num_classes),
                              "train_cam", inputs={"initial_weights": state_digest(model), **(inputs or {})})
-    from pipeline.distributed import check_global_batch, rank_loader, world_size
-
-    check_global_batch(p["batch_size"], len(dataset), world_size(), "cam.batch_size")
     sampler = EpochSampler(len(dataset), seed)
-    loader = rank_loader(dataset, sampler, p["batch_size"], len(dataset) > p["batch_size"], num_workers=num_workers,
+    loader = rank_loader(dataset, sampler, p["batch_size"], "cam.batch_size", num_workers=num_workers,
                          persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise ValueError(f"param cam.batch_size: {p['batch_size']} leaves no batch for {len(dataset)} images")

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.distributed import global_count
 from pipeline.models.backbones import Backbone, build_backbone
 from pipeline.models.pairs import grid_size, in_bounds, segment_points, shifted
 
@@ -225,8 +226,6 @@ def displacement_loss(disp: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Te
     diff = disp.unsqueeze(1) - partner
     fg = (diff - target).abs().sum(2)
     bg = diff.abs().sum(2)
-    from pipeline.distributed import global_count
-
     return ((fg * fg_pos).sum() / global_count(fg_pos.sum()).clamp(min=1)
             + (bg * bg_pos).sum() / global_count(bg_pos.sum()).clamp(min=1))
 
@@ -242,8 +241,6 @@ def pair_terms(pos_term: torch.Tensor, neg_term: torch.Tensor, bg_pos: torch.Ten
                neg: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """PSA's weighting of per-pair loss terms: mean ``pos_term`` over bg positives and fg positives
     (1/4 each), mean ``neg_term`` over negatives (1/2); a term with no pairs contributes 0."""
-    from pipeline.distributed import global_count
-
     def mean_over(values, mask):
         n = mask.sum()
         return (values * mask).sum() / global_count(n).clamp(min=1), int(n)

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, RandomSampler
 from pipeline.augment import normalise, random_scale_crop_flip
 from pipeline.models.affinity import AffinityNet, displacement_loss
 from pipeline.models.pairs import pair_labels, pair_offsets, seed_to_grid
-from pipeline.distributed import check_global_batch, rank_loader, world_size
+from pipeline.distributed import rank_loader
 from pipeline.store import Store
 
 log = logging.getLogger("wsss")
@@ -84,8 +84,7 @@ def train_affinity(model: AffinityNet, prepared, seeds: Store, ids, aff: dict, d
     offsets = pair_offsets(aff["radius"])
     data = SeedCrops(prepared, seeds, ids, aff["crop_size"], model.stride, aff["scale_min"], aff["scale_max"], seed)
     gen = torch.Generator().manual_seed(seed)
-    check_global_batch(aff["batch_size"], len(data), world_size(), "affinity.batch_size")
-    loader = rank_loader(data, RandomSampler(data, generator=gen), aff["batch_size"], len(data) > aff["batch_size"],
+    loader = rank_loader(data, RandomSampler(data, generator=gen), aff["batch_size"], "affinity.batch_size",
                          num_workers=aff["num_workers"], generator=gen, persistent_workers=False)
     model = to_device(model, device)
     opt = torch.optim.SGD(affinity_param_groups(model, aff), lr=aff["lr"], momentum=0.9)

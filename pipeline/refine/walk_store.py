@@ -3,12 +3,11 @@ background cue) run through the dask helper into ``data/pseudo.zarr``, scored ag
 affinity diagnostic and the gallery. The walk itself is :mod:`pipeline.refine.random_walk`."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-import logging
 
 from pipeline.labels import grid_to_image, with_background
 from pipeline.refine.random_walk import pseudo_mask, resolve_background
