@@ -184,6 +184,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "scale_max": _num(1.3, 0.1, 4.0),
         "aspp_rates": P(list, [1, 2, 4], item=int, help="dilation rates of the ASPP branches (on the backbone's deepest map)"),
         "aspp_channels": _int(128, 8, help="hidden channels of each ASPP branch"),
+        "decoder": P(bool, False, help="DeepLab-v3+ decoder: the ASPP features fused with the backbone's stride-4 map"),
+        "saliency_weight": _num(0.0, 0.0, help="joint saliency learning: weight of a saliency head's loss against data/saliency.zarr (0 = no head)"),
         "frozen_levels": _int(0, 0, 4, help="backbone levels kept at their loaded weights (1: stem + stride 4, 2: up to stride 8)"),
         "freeze_bn": P(bool, False, help="keep the backbone's BatchNorm statistics while training (DeepLab fine-tuning)"),
         "dropout": _num(0.1, 0.0, 0.9),

@@ -51,17 +51,20 @@ def mask_source(kind: str, prepared, pseudo_path: str | Path, ids: Sequence[str]
 
 
 class SegTrainSet(torch.utils.data.Dataset):
-    """Augmented (image, mask) crops. Items: {"image": (3, S, S) float32, "mask": (S, S) int64}.
+    """Augmented (image, mask) crops. Items: {"image": (3, S, S) float32, "mask": (S, S) int64}; with
+    ``saliency`` (``id -> (H, W) float32 map in [0, 1] or None``) also "saliency" (S, S) float32 and
+    "saliency_valid" (S, S) bool (False on the crop's padding and where the image has no map), cut
+    with the same scale, crop and flip as the mask.
 
     The augmentation of item i in epoch e is fixed by (seed, e, i), so runs repeat exactly
     whatever the number of loader workers. Call :meth:`set_epoch` before each epoch.
     """
 
     def __init__(self, prepared, ids: Sequence[str], masks: MaskFn, crop: int, scale_min: float, scale_max: float,
-                 seed: int = 0):
+                 seed: int = 0, saliency: Callable[[str], np.ndarray | None] | None = None):
         if not ids:
             raise ValueError("segmenter training set is empty")
-        self.prepared, self.ids, self.masks = prepared, list(ids), masks
+        self.prepared, self.ids, self.masks, self.saliency = prepared, list(ids), masks, saliency
         self.crop, self.scale_min, self.scale_max, self.seed = crop, scale_min, scale_max, seed
         self.epoch = 0
 
@@ -77,8 +80,19 @@ class SegTrainSet(torch.utils.data.Dataset):
         if mask.shape != image.shape[:2]:
             raise ValueError(f"mask of image {image_id!r} is {mask.shape}, image is {image.shape[:2]}")
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        image, (mask,), _ = random_scale_crop_flip(rng, image, [mask], self.crop, self.scale_min, self.scale_max)
-        return {"image": normalise(image), "mask": torch.from_numpy(mask.astype(np.int64))}
+        if self.saliency is None:
+            image, (mask,), _ = random_scale_crop_flip(rng, image, [mask], self.crop, self.scale_min, self.scale_max)
+            return {"image": normalise(image), "mask": torch.from_numpy(mask.astype(np.int64))}
+        sal = self.saliency(image_id)
+        has_map = sal is not None
+        sal8 = (np.round(sal * 255).astype(np.uint8) if has_map else np.zeros(mask.shape, np.uint8))
+        if sal8.shape != mask.shape:
+            raise ValueError(f"saliency map of image {image_id!r} is {sal8.shape}, image is {mask.shape}")
+        image, (mask, sal8), valid = random_scale_crop_flip(rng, image, [mask, sal8], self.crop, self.scale_min,
+                                                           self.scale_max)
+        return {"image": normalise(image), "mask": torch.from_numpy(mask.astype(np.int64)),
+                "saliency": torch.from_numpy(sal8.astype(np.float32) / 255.0),
+                "saliency_valid": torch.from_numpy(valid & has_map)}
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -90,6 +104,16 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     if not bool((target != IGNORE_INDEX).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
+
+
+def saliency_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of saliency logits (B, 1, H, W) against maps (B, H, W) in [0, 1], mean over
+    the ``valid`` pixels (of every rank under distributed training); 0 with a gradient path when none is."""
+    per_pixel = F.binary_cross_entropy_with_logits(logits[:, 0].float(), target, reduction="none")
+    total = (per_pixel * valid).sum()
+    if world_size() > 1:
+        return total / global_count(valid.sum()).clamp(min=1)
+    return total / valid.sum().clamp(min=1)
 
 
 def train_segmenter(model: torch.nn.Module, train_set: SegTrainSet, seg: dict, device: torch.device,
@@ -114,10 +138,19 @@ def train_segmenter(model: torch.nn.Module, train_set: SegTrainSet, seg: dict, d
                          "seg.batch_size", num_workers=seg["num_workers"], generator=gen,
                          pin_memory=device.type == "cuda", persistent_workers=False)
 
+    weight = seg.get("saliency_weight", 0.0)
+    if weight > 0 and train_set.saliency is None:
+        raise ValueError("param seg.saliency_weight > 0 needs saliency maps for the training images (data/saliency.zarr)")
+
     def step(batch: dict) -> torch.Tensor:
         x = images_to(batch["image"], device)
         y = batch["mask"].to(device, non_blocking=True)
-        return segmentation_loss(model(x), y)
+        if weight <= 0:
+            return segmentation_loss(model(x), y)
+        logits, sal_logits = model.forward_with_saliency(x)
+        sal = batch["saliency"].to(device, non_blocking=True)
+        valid = batch["saliency_valid"].to(device, non_blocking=True)
+        return segmentation_loss(logits, y) + weight * saliency_loss(sal_logits, sal, valid)
 
     return train_loop(model, loader, step, optimizer, seg["epochs"], device, "train_seg",
                       on_epoch_start=train_set.set_epoch, resume=resume)
@@ -195,10 +228,11 @@ def score_store(store: Store, prepared, ids: Sequence[str] | None = None, array:
 
 
 def run_train_seg(prepared, params: dict, labels: str | Path, classifier: str | Path | None, out: str | Path, *,
-                  device: torch.device, resume: str | Path) -> dict:
+                  device: torch.device, resume: str | Path, saliency: str | Path | None = None) -> dict:
     """What the train_seg stage does: train on the pseudo masks of the store ``labels``
     (``seg.labels: pseudo``) or on GT, from ``seg.weights`` (``classifier``: the CAM classifier
-    checkpoint ``classifier``), save the checkpoint ``out``, clear the resume file. Returns
+    checkpoint ``classifier``), with ``seg.saliency_weight`` > 0 also a saliency head on the maps of
+    the saliency store ``saliency``; save the checkpoint ``out``, clear the resume file. Returns
     {"history", "metrics"}."""
     from pipeline.datasets.prepared import as_prepared
     from pipeline.models.segmenter import build_segmenter, save_segmenter
@@ -210,15 +244,35 @@ def run_train_seg(prepared, params: dict, labels: str | Path, classifier: str | 
     seg, data, seed = params["seg"], params["data"], params["compute"]["seed"]
     ids = prepared.ids(data["train_split"])
     masks = mask_source(seg["labels"], prepared, pseudo_path, ids)
-    train_set = SegTrainSet(prepared, ids, masks, seg["crop_size"], seg["scale_min"], seg["scale_max"], seed)
+    saliency_maps, inputs = None, {}
+    if seg["saliency_weight"] > 0:
+        saliency_maps, inputs["saliency"] = saliency_source(saliency, ids)
+    train_set = SegTrainSet(prepared, ids, masks, seg["crop_size"], seg["scale_min"], seg["scale_max"], seed,
+                            saliency=saliency_maps)
     model = build_segmenter(prepared.num_classes, seg, classifier_path)
     label_digest = Store(pseudo_path).attrs.get("fingerprint") if seg["labels"] == "pseudo" else "gt"
     history = train_segmenter(model, train_set, seg, device, seed, resume_path,
-                              {"labels": label_digest, "prepared": prepared_digest(prepared.dir)})
+                              {"labels": label_digest, "prepared": prepared_digest(prepared.dir), **inputs})
     save_segmenter(checkpoint, model, seg, prepared.class_names, seg["labels"], history)
     clear_resume(resume_path)
     return {"history": history, "metrics": {"train_images": len(ids), "epochs": seg["epochs"], "labels": seg["labels"],
                                             "final_loss": round(history[-1]["loss"], 5)}}
+
+
+def saliency_source(path: str | Path | None, ids: Sequence[str]) -> tuple[Callable[[str], np.ndarray | None], str]:
+    """(``id -> map or None``, the store's fingerprint) for the saliency head's targets; an error naming
+    ``seg.saliency_weight`` and the store when the store is missing or lacks a training image."""
+    from pipeline.saliency.store import read_saliency
+
+    if path is None or not Path(path, "zarr.json").is_file():
+        raise ValueError(f"param seg.saliency_weight > 0: the saliency store {path} is missing; run the saliency stage "
+                         f"(dvc repro saliency)")
+    store = Store(path)
+    missing = [i for i in ids if i not in store]
+    if missing:
+        raise ValueError(f"param seg.saliency_weight > 0: the saliency store {path} has no map for {len(missing)} "
+                         f"training images, e.g. {missing[:3]}; re-run the saliency stage")
+    return (lambda i: read_saliency(path, i)), str(store.attrs.get("fingerprint"))
 
 
 def run_evaluate(prepared, params: dict, segmenter: str | Path, out: str | Path, *, device: torch.device) -> dict:

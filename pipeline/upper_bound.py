@@ -17,7 +17,7 @@ from pathlib import Path
 
 # the params that define the bound: the segmenter's training and evaluation, the data it sees, the seed
 BOUND_PARAMS = {"seg": ("backbone", "weights", "epochs", "batch_size", "lr", "weight_decay", "crop_size", "head_lr_mult",
-                        "scale_min", "scale_max", "aspp_rates", "aspp_channels", "frozen_levels", "freeze_bn",
+                        "scale_min", "scale_max", "aspp_rates", "aspp_channels", "decoder", "saliency_weight", "frozen_levels", "freeze_bn",
                         "dropout", "eval_scales", "eval_flip", "eval_crf"),
                 "data": ("dataset", "root", "background", "train_split", "eval_split", "max_images"),
                 "compute": ("seed",)}
@@ -95,7 +95,7 @@ def copy_foreign_bound(path: str | Path) -> dict:
 
 
 def run_upper_bound(prepared, params: dict, classifier: str | Path | None, out: str | Path, *, device,
-                    resume: str | Path, repo_dir: str | Path = ".") -> dict:
+                    resume: str | Path, repo_dir: str | Path = ".", saliency: str | Path | None = None) -> dict:
     """What the upper_bound stage does. With ``seg.upper_bound``: train the segmenter on GT into
     ``out/segmenter.pt``, predict the eval split into ``out/predictions.zarr``, return its
     metrics with ``provenance`` and ``measured`` True. Otherwise the foreign bound of
@@ -118,7 +118,7 @@ def run_upper_bound(prepared, params: dict, classifier: str | Path | None, out: 
     gt_params = {**params, "seg": {**seg, "labels": "gt"}}
     checkpoint = out_dir / "segmenter.pt"
     trained = run_train_seg(prepared, gt_params, None, classifier, checkpoint,
-                            device=device, resume=resume)
+                            device=device, resume=resume, saliency=saliency)
     result = run_evaluate(prepared, gt_params, checkpoint, out_dir / "predictions.zarr", device=device)
     return {**result["metrics"], "measured": True, "train": trained["metrics"],
             "provenance": run_provenance(params, repo_dir)}

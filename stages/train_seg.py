@@ -3,7 +3,7 @@ from pipeline.distributed import finish, is_main
 from pipeline.metrics import write_csv
 from pipeline.progress import stage_timer
 from pipeline.segment import run_train_seg
-from stages.common import CAM_MODEL, PLOTS, PREPARED, PSEUDO, SEG_MODEL, resume_file, start_training
+from stages.common import CAM_MODEL, PLOTS, PREPARED, PSEUDO, SALIENCY, SEG_MODEL, resume_file, start_training
 
 
 def main() -> None:
@@ -13,7 +13,7 @@ def main() -> None:
     params, device = started
     with stage_timer("train_seg") as t:
         result = run_train_seg(PREPARED, params, PSEUDO, CAM_MODEL / "classifier.pt", SEG_MODEL / "segmenter.pt",
-                               device=device, resume=resume_file(SEG_MODEL))
+                               device=device, resume=resume_file(SEG_MODEL), saliency=SALIENCY)
         m = result["metrics"]
         t.n = m["train_images"] * m["epochs"]
         t.extra = f"labels {m['labels']}, {m['epochs']} epochs on {device}, final loss {m['final_loss']:.4f}"

@@ -9,8 +9,9 @@ from pipeline.presets import preset
 from pipeline.metrics import ConfusionMatrix
 from pipeline.labels import IGNORE_INDEX
 from pipeline.models.segmenter import Segmenter, build_segmenter, load_segmenter, save_segmenter
-from pipeline.segment import (SegTrainSet, crf_refine, mask_source, predict_mask, predict_probs, segmentation_loss,
-                              train_segmenter)
+from pipeline.augment import normalise
+from pipeline.segment import (SegTrainSet, crf_refine, mask_source, predict_mask, predict_probs, saliency_loss,
+                              saliency_source, segmentation_loss, train_segmenter)
 
 
 def _seg(**kw):
@@ -106,6 +107,39 @@ def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path):
     img = np.random.default_rng(1).integers(0, 255, (24, 24, 3), dtype=np.uint8)
     np.testing.assert_array_equal(predict_mask(model, img, torch.device("cpu"), seg),
                                   predict_mask(loaded, img, torch.device("cpu"), seg))
+
+
+def test_decoder_reads_the_stride_4_map_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    seg = _seg(aspp_channels=8, decoder=True)
+    model = build_segmenter(3, seg).eval()
+    assert model.decoder and all(isinstance(b.classifier, torch.nn.Identity) for b in model.head.branches)
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        out = model(x)
+        # the logits change when only the shallow (stride-4) map changes: the decoder is in the path
+        low = model.backbone(x)
+        changed = model.head.decoder(low[0] + 1.0, model.head.features(low[-1]))
+        plain = model.head.decoder(low[0], model.head.features(low[-1]))
+    assert out.shape == (1, 3, 40, 40)
+    assert not torch.allclose(changed, plain)
+    save_segmenter(tmp_path / "seg.pt", model, seg, ["background", "a", "b"], "pseudo", [{"epoch": 1, "loss": 1.0}])
+    loaded, ckpt = load_segmenter(tmp_path / "seg.pt", torch.device("cpu"))
+    assert ckpt["arch"]["decoder"] is True and loaded.decoder
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), out)
+
+
+def test_checkpoint_from_before_the_decoder_param_loads_without_one(tmp_path):
+    torch.manual_seed(0)
+    seg = _seg(aspp_channels=8)
+    model = build_segmenter(3, seg).eval()
+    save_segmenter(tmp_path / "seg.pt", model, seg, ["background", "a", "b"], "pseudo", [])
+    ckpt = torch.load(tmp_path / "seg.pt", weights_only=True)
+    del ckpt["arch"]["decoder"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    loaded, _ = load_segmenter(tmp_path / "old.pt", torch.device("cpu"))
+    assert not loaded.decoder
 
 
 def test_classifier_weights_start_the_backbone_from_the_cam_classifier(tmp_path):
@@ -243,3 +277,67 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, caplog, num_
     with caplog.at_level("INFO", logger="wsss"):
         run(SegTrainSet, resume, labels="other-masks")
     assert "made from other labels" in caplog.text and "train_seg epoch 1/3" in caplog.text
+
+
+def test_saliency_loss_by_hand_over_the_valid_pixels_only():
+    logits = torch.tensor([[[[0.0, 2.0], [-1.0, 5.0]]]], requires_grad=True)
+    target = torch.tensor([[[1.0, 0.0], [0.25, 1.0]]])
+    valid = torch.tensor([[[True, True], [True, False]]])
+    bce = lambda z, t: -(t * np.log(1 / (1 + np.exp(-z))) + (1 - t) * np.log(1 - 1 / (1 + np.exp(-z))))
+    expected = (bce(0.0, 1.0) + bce(2.0, 0.0) + bce(-1.0, 0.25)) / 3
+    assert float(saliency_loss(logits, target, valid).detach()) == pytest.approx(expected, rel=1e-5)
+    none = saliency_loss(logits, target, torch.zeros_like(valid))
+    none.backward()
+    assert float(none) == 0.0 and logits.grad is not None
+
+
+def test_saliency_crops_follow_the_mask_and_padding_is_not_valid():
+    data = ToyData(4, size=40)
+    sal = {i: (m > 0).astype(np.float32) for i, m in data.masks.items()}
+    sal["t3"] = None  # a map the source skipped
+    ds = SegTrainSet(data, data.ids(), data.masks.__getitem__, 56, 0.8, 1.2, saliency=sal.__getitem__)
+    for k in range(3):
+        item = ds[k]
+        valid, mask = item["saliency_valid"].numpy(), item["mask"].numpy()
+        assert not valid.all() and valid.any()  # a 56-px crop of a <=48-px image is padded
+        assert (mask[~valid] == IGNORE_INDEX).all()
+        np.testing.assert_array_equal(item["saliency"].numpy()[valid], (mask[valid] > 0).astype(np.float32))
+    assert not ds[3]["saliency_valid"].numpy().any()
+    assert set(SegTrainSet(data, data.ids(), data.masks.__getitem__, 32, 1.0, 1.0)[0]) == {"image", "mask"}
+
+
+def test_joint_saliency_head_learns_the_maps_and_changes_the_segmenter():
+    """Not a no-op: with seg.saliency_weight the head learns the maps (salient pixels score higher)
+    and the shared backbone ends elsewhere than without it."""
+    torch.set_num_threads(1)
+    train = ToyData(32, seed=0)
+    sal = {i: (m > 0).astype(np.float32) for i, m in train.masks.items()}
+    trained = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        seg = _seg(epochs=12, batch_size=8, crop_size=40, lr=0.02, aspp_channels=16, aspp_rates=[1, 2],
+                   scale_min=0.9, scale_max=1.1, saliency_weight=weight)
+        ds = SegTrainSet(train, train.ids(), train.masks.__getitem__, 40, 0.9, 1.1, saliency=sal.__getitem__)
+        model = build_segmenter(3, seg)
+        assert model.saliency_head == (weight > 0)
+        train_segmenter(model, ds, seg, torch.device("cpu"))
+        trained[weight] = model.eval()
+    with torch.no_grad():
+        x = torch.stack([normalise(train.image(i)) for i in train.ids()])
+        _, sal_logits = trained[1.0].forward_with_saliency(x)
+        fg = torch.from_numpy(np.stack([train.masks[i] > 0 for i in train.ids()]))
+        prob = sal_logits[:, 0].sigmoid()
+        assert prob[fg].mean() > prob[~fg].mean() + 0.2, (prob[fg].mean(), prob[~fg].mean())
+        assert trained[0.0].forward_with_saliency(x)[1] is None
+    a, b = (dict(m.backbone.named_parameters()) for m in (trained[0.0], trained[1.0]))
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].requires_grad)
+
+
+def test_saliency_weight_needs_the_saliency_store(tmp_path):
+    with pytest.raises(ValueError, match="seg.saliency_weight.*saliency store .*missing"):
+        saliency_source(tmp_path / "saliency.zarr", ["a"])
+    seg = _seg(saliency_weight=0.5)
+    data = ToyData(2)
+    ds = SegTrainSet(data, data.ids(), data.masks.__getitem__, 32, 1.0, 1.0)
+    with pytest.raises(ValueError, match="seg.saliency_weight"):
+        train_segmenter(build_segmenter(3, seg), ds, seg, torch.device("cpu"))
