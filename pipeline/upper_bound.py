@@ -17,8 +17,8 @@ from pathlib import Path
 
 # the params that define the bound: the segmenter's training and evaluation, the data it sees, the seed
 BOUND_PARAMS = {"seg": ("backbone", "weights", "epochs", "batch_size", "lr", "weight_decay", "crop_size", "head_lr_mult",
-                        "scale_min", "scale_max", "aspp_rates", "aspp_channels", "decoder", "saliency_weight", "frozen_levels", "freeze_bn",
-                        "dropout", "eval_scales", "eval_flip", "eval_crf"),
+                        "scale_min", "scale_max", "aspp_rates", "aspp_channels", "decoder", "saliency_weight",
+                        "frozen_levels", "freeze_bn", "dropout", "eval_scales", "eval_flip", "eval_crf"),
                 "data": ("dataset", "root", "background", "train_split", "eval_split", "max_images"),
                 "compute": ("seed",)}
 
@@ -97,7 +97,8 @@ def copy_foreign_bound(path: str | Path) -> dict:
 def run_upper_bound(prepared, params: dict, classifier: str | Path | None, out: str | Path, *, device,
                     resume: str | Path, repo_dir: str | Path = ".", saliency: str | Path | None = None) -> dict:
     """What the upper_bound stage does. With ``seg.upper_bound``: train the segmenter on GT into
-    ``out/segmenter.pt``, predict the eval split into ``out/predictions.zarr``, return its
+    ``out/segmenter.pt`` (its saliency head, with ``seg.saliency_weight``, on the store ``saliency``),
+    predict the eval split into ``out/predictions.zarr``, return its
     metrics with ``provenance`` and ``measured`` True. Otherwise the foreign bound of
     ``seg.upper_bound_from`` or :func:`not_measured`; ``out`` then holds only ``NOT_TRAINED.txt``
     saying why (no model that could pass for one)."""
