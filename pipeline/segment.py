@@ -262,17 +262,15 @@ def run_train_seg(prepared, params: dict, labels: str | Path, classifier: str | 
 def saliency_source(path: str | Path | None, ids: Sequence[str]) -> tuple[Callable[[str], np.ndarray | None], str]:
     """(``id -> map or None``, the store's fingerprint) for the saliency head's targets; an error naming
     ``seg.saliency_weight`` and the store when the store is missing or lacks a training image."""
+    from pipeline.refine.runner import open_store, saliency_store_fingerprint
     from pipeline.saliency.store import read_saliency
 
-    if path is None or not Path(path, "zarr.json").is_file():
-        raise ValueError(f"param seg.saliency_weight > 0: the saliency store {path} is missing; run the saliency stage "
-                         f"(dvc repro saliency)")
-    store = Store(path)
-    missing = [i for i in ids if i not in store]
+    fingerprint = saliency_store_fingerprint(path, "seg.saliency_weight")
+    missing = [i for i in ids if i not in open_store(path)]
     if missing:
         raise ValueError(f"param seg.saliency_weight > 0: the saliency store {path} has no map for {len(missing)} "
                          f"training images, e.g. {missing[:3]}; re-run the saliency stage")
-    return (lambda i: read_saliency(path, i)), str(store.attrs.get("fingerprint"))
+    return (lambda i: read_saliency(path, i)), str(fingerprint)
 
 
 def run_evaluate(prepared, params: dict, segmenter: str | Path, out: str | Path, *, device: torch.device) -> dict:

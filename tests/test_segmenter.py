@@ -119,8 +119,8 @@ def test_decoder_reads_the_stride_4_map_and_round_trips(tmp_path):
         out = model(x)
         # the logits change when only the shallow (stride-4) map changes: the decoder is in the path
         low = model.backbone(x)
-        changed = model.head.decoder(low[0] + 1.0, model.head.features(low[-1]))
-        plain = model.head.decoder(low[0], model.head.features(low[-1]))
+        changed = model.head.decoder(low[0] + 1.0, model.head.parts(low[-1])[1])
+        plain = model.head.decoder(low[0], model.head.parts(low[-1])[1])
     assert out.shape == (1, 3, 40, 40)
     assert not torch.allclose(changed, plain)
     save_segmenter(tmp_path / "seg.pt", model, seg, ["background", "a", "b"], "pseudo", [{"epoch": 1, "loss": 1.0}])
@@ -334,7 +334,7 @@ def test_joint_saliency_head_learns_the_maps_and_changes_the_segmenter():
 
 
 def test_saliency_weight_needs_the_saliency_store(tmp_path):
-    with pytest.raises(ValueError, match="seg.saliency_weight.*saliency store .*missing"):
+    with pytest.raises(FileNotFoundError, match="seg.saliency_weight.*saliency maps are not there"):
         saliency_source(tmp_path / "saliency.zarr", ["a"])
     seg = _seg(saliency_weight=0.5)
     data = ToyData(2)

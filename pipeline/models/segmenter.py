@@ -38,7 +38,7 @@ class ASPPBranch(nn.Module):
         return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.body(x))
+        return self.classifier(self.features(x))
 
 
 class ASPPHead(nn.Module):
@@ -51,17 +51,11 @@ class ASPPHead(nn.Module):
         self.branches = nn.ModuleList(ASPPBranch(cin, hidden, num_classes, int(r), dropout) for r in rates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.branches[0](x)
-        for b in self.branches[1:]:
-            out = out + b(x)
-        return out
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of the branches' hidden features (B, hidden, h, w): what a decoder and the saliency head read."""
-        return self.parts(x)[1]
+        return self.parts(x)[0]
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class scores, hidden features), both summed over the branches, in one pass."""
+        """(class scores, hidden features), both summed over the branches, in one pass; the hidden
+        features are what a decoder and the saliency head read."""
         hidden = [b.features(x) for b in self.branches]
         logits = sum(b.classifier(h) for b, h in zip(self.branches, hidden))
         return logits, sum(hidden)
