@@ -299,3 +299,5 @@ def test_photos_preset_uses_what_won_on_voc676_and_its_100_image_cut():
     assert photos["rw"]["background_cue"] == "saliency"
     assert photos["crf"]["background_cue"] == "saliency" and photos["saliency"]["seed_rule"] == "guided"
     assert photos["rw"]["affinity"] == "mix"
+    # docs/rows/voc676_seg/summary.md: Lite2 from ImageNet over Lite0 from the classifier, pseudo and GT trained
+    assert (photos["seg"]["backbone"], photos["seg"]["weights"]) == ("efficientnet_lite2", "imagenet")
