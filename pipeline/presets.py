@@ -64,10 +64,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "seg": {"epochs": 1, "batch_size": 8, "crop_size": 48},
         "compute": {"scheduler": "synchronous", "shard_images": 8},
     },
-    # Real photos (VOC-style) on a 2-core CPU: 46 to 71 minutes for 676 VOC photos depending on the
-    # CPU, measured in docs/REAL_PHOTOS.md. Set data.root (and data.dataset for coco / folder). What differs from the
-    # published GPU settings is smaller: crops, one CAM scale, a thinner AffinityNet embedding, the
-    # early backbone levels frozen. Thresholds and the walk's background follow the CAM sweep.
+    # Real photos (VOC-style) on a 2-core CPU: 46 to 71 minutes for 676 VOC photos depending on the CPU,
+    # measured in docs/REAL_PHOTOS.md before the saliency stage and the Lite2 segmenter (not re-timed
+    # since). Set data.root (and data.dataset for coco / folder). What differs from the published GPU
+    # settings is smaller: crops, one CAM scale, a thinner AffinityNet embedding, the early backbone
+    # levels frozen. Thresholds and the walk's background follow the CAM sweep.
     "photos": {
         "data": {"dataset": "voc", "root": "data/VOC2012", "gallery_ids": 8},
         "cam": {"backbone": "efficientnet_lite0", "weights": "imagenet", "epochs": 10, "batch_size": 16, "lr": 0.02,
